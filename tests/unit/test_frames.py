@@ -1,0 +1,157 @@
+"""Framing of Ethernet frames over a stream: whole, byte by byte, with trailing data, hostile lengths."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from salmiac.protocol.frames import (
+    CLOSED,
+    MAX_FRAME,
+    MIN_FRAME,
+    NEED_DATA,
+    FrameDecoder,
+    FrameEncoder,
+    FrameProtocolError,
+    encode_raw,
+)
+
+ETH = bytes.fromhex("ffffffffffff" "020000000001" "0800")
+
+
+def frame(n: int, fill: int = 0xAB) -> bytes:
+    return (ETH + bytes([fill]) * n)[: max(n, MIN_FRAME)] if n >= MIN_FRAME else bytes([fill]) * n
+
+
+def decode_all(chunks: list[bytes], dec: FrameDecoder | None = None, eof: bool = True) -> list[bytes]:
+    dec = dec or FrameDecoder()
+    out: list[bytes] = []
+    for chunk in chunks:
+        dec.receive_data(chunk)
+        out += dec.frames()
+    if eof:
+        dec.receive_data(b"")
+        out += dec.frames()
+        assert dec.next_frame() is CLOSED
+    return out
+
+
+SAMPLE = [frame(14), frame(60), frame(1514), frame(MAX_FRAME)]
+
+
+def test_whole_bytewise_and_trailing() -> None:
+    wire = FrameEncoder().encode(SAMPLE)
+    assert decode_all([wire]) == SAMPLE
+    assert decode_all([wire[i : i + 1] for i in range(len(wire))]) == SAMPLE
+    dec = FrameDecoder()
+    dec.receive_data(wire + struct.pack(">H", 60) + b"x" * 10)
+    assert dec.frames() == SAMPLE
+    assert dec.next_frame() is NEED_DATA
+    assert dec.buffered == 12
+
+
+def test_wire_format_is_u16_big_endian_length_then_payload() -> None:
+    wire = FrameEncoder().encode([frame(20)])
+    assert wire[:2] == b"\x00\x14"
+    assert wire[2:] == frame(20)
+
+
+def test_oversize_is_skipped_counted_and_stream_continues() -> None:
+    dec = FrameDecoder(max_frame=1514)
+    big = b"\x01" * 4000
+    wire = encode_raw([frame(60), big, frame(61)])
+    out = decode_all([wire[i : i + 7] for i in range(0, len(wire), 7)], dec)
+    assert out == [frame(60), frame(61)]
+    assert dec.stats.dropped_oversize == 1
+    assert dec.stats.frames == 2
+    # The rejected frame is discarded, never buffered.
+    dec2 = FrameDecoder(max_frame=1514)
+    dec2.receive_data(struct.pack(">H", 60000))
+    assert dec2.next_frame() is NEED_DATA
+    dec2.receive_data(b"\0" * 59999)
+    assert dec2.buffered == 0
+    dec2.receive_data(b"\0" + encode_raw([frame(30)]))
+    assert dec2.frames() == [frame(30)]
+
+
+def test_empty_and_runt_frames_are_dropped() -> None:
+    dec = FrameDecoder()
+    wire = encode_raw([b"", b"abc", frame(14)])
+    assert decode_all([wire], dec) == [frame(14)]
+    assert (dec.stats.dropped_empty, dec.stats.dropped_runt) == (1, 1)
+
+
+def test_truncated_frame_at_eof_is_counted() -> None:
+    dec = FrameDecoder()
+    wire = FrameEncoder().encode([frame(100)])
+    assert decode_all([wire[:-1]], dec) == []
+    assert dec.stats.dropped_truncated == 1
+    with pytest.raises(FrameProtocolError):
+        dec.receive_data(b"more")
+
+
+def test_eof_inside_skip_is_truncated() -> None:
+    dec = FrameDecoder(max_frame=100)
+    assert decode_all([struct.pack(">H", 500) + b"\0" * 10], dec) == []
+    assert dec.stats.dropped_oversize == 1
+    assert dec.stats.dropped_truncated == 1
+
+
+def test_encoder_drops_bad_frames() -> None:
+    enc = FrameEncoder(max_frame=1514)
+    wire = enc.encode([b"", b"short", frame(60), b"\0" * 1515])
+    assert decode_all([wire]) == [frame(60)]
+    assert enc.stats.dropped_empty == 1
+    assert enc.stats.dropped_runt == 1
+    assert enc.stats.dropped_oversize == 1
+    assert enc.stats.frames == 1
+
+
+def test_bad_max_frame() -> None:
+    with pytest.raises(FrameProtocolError):
+        FrameDecoder(max_frame=MAX_FRAME + 1)
+    with pytest.raises(FrameProtocolError):
+        FrameEncoder(max_frame=2)
+
+
+def test_compaction_keeps_memory_bounded() -> None:
+    dec = FrameDecoder()
+    wire = FrameEncoder().encode([frame(1500)] * 200)
+    dec.receive_data(wire[:-1])
+    got = dec.frames()
+    assert len(got) == 199
+    assert dec.buffered == 1501
+    assert len(dec._buf) < (1 << 16) + 2 * MAX_FRAME
+
+
+frames_st = st.lists(st.binary(min_size=MIN_FRAME, max_size=2000), max_size=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames_st, st.lists(st.integers(min_value=1, max_value=3000), min_size=1, max_size=10))
+def test_roundtrip_any_split(frames: list[bytes], cuts: list[int]) -> None:
+    wire = FrameEncoder().encode(frames)
+    chunks, i, k = [], 0, 0
+    while i < len(wire):
+        n = cuts[k % len(cuts)]
+        chunks.append(wire[i : i + n])
+        i += n
+        k += 1
+    assert decode_all(chunks) == frames
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=5000), st.integers(min_value=MIN_FRAME, max_value=MAX_FRAME))
+def test_arbitrary_bytes_never_crash_and_stay_bounded(data: bytes, max_frame: int) -> None:
+    dec = FrameDecoder(max_frame=max_frame)
+    for i in range(0, len(data), 97):
+        dec.receive_data(data[i : i + 97])
+        for f in dec.frames():
+            assert MIN_FRAME <= len(f) <= max_frame
+        assert dec.buffered <= 2 + max_frame + 97
+    dec.receive_data(b"")
+    dec.frames()
+    assert dec.next_frame() is CLOSED

@@ -29,12 +29,12 @@ def test_closure_is_resolved_from_an_empty_system_and_cached(tmp_path: Path) -> 
         assert debs.sha256_file(path) == pin.sha256
 
     # Second call: served from the lock and cache; prove apt is not consulted by hiding it.
-    saved = debs._run
+    saved = debs.run_tool
     try:
-        debs._run = _forbidden
+        debs.run_tool = _forbidden
         assert debs.download_closure(["libexpat1"], CACHE) == paths
     finally:
-        debs._run = saved
+        debs.run_tool = saved
 
     debs.extract_debs(paths, tmp_path / "root")
     # bookworm's packages are not usr-merged: libraries are under /lib.

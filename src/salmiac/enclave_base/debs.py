@@ -87,7 +87,7 @@ def extract_debs(debs: Sequence[Path], dest: Path) -> None:
     """Unpack each .deb's data into ``dest`` (``dpkg-deb -x``), in the order given; later files win."""
     dest.mkdir(parents=True, exist_ok=True)
     for deb in debs:
-        _run(["dpkg-deb", "-x", str(deb), str(dest)], f"extract {deb.name}")
+        run_tool(["dpkg-deb", "-x", str(deb), str(dest)], f"extract {deb.name}")
 
 
 def request_key(packages: Sequence[str], exclude: Sequence[str]) -> str:
@@ -101,7 +101,7 @@ def resolve_and_fetch(packages: Sequence[str], cache_dir: Path, *, exclude: Sequ
     fetched: list[Pin] = []
     missing = [(n, v, f) for n, v, f in wanted if not (cache_dir / f).exists()]
     if missing:
-        _apt_download([(n, v) for n, v, _ in missing], [f for _, _, f in missing], cache_dir)
+        apt_download([(n, v) for n, v, _ in missing], [f for _, _, f in missing], cache_dir)
     for name, version, filename in wanted:
         arch = parse_deb_filename(filename)[2]
         fetched.append(Pin(name, version, arch, sha256_file(cache_dir / filename), filename))
@@ -117,7 +117,7 @@ def resolve(packages: Sequence[str], *, exclude: Sequence[str] = ()) -> list[tup
         status.write_text(_fake_status(exclude, opts))
         try:
             cmd = ["apt-get", *opts, "--no-install-recommends", "--print-uris", "-qq", "-y", "install"]
-            out = _run([*cmd, *packages], "resolve " + " ".join(packages))
+            out = run_tool([*cmd, *packages], "resolve " + " ".join(packages))
         except RuntimeFailure as exc:
             if "Unable to locate package" in str(exc) or "has no installation candidate" in str(exc):
                 raise RequestError(str(exc)) from exc
@@ -140,7 +140,7 @@ def fetch_pinned(pins: Sequence[Pin], cache_dir: Path) -> list[Path]:
     cache_dir.mkdir(parents=True, exist_ok=True)
     missing = [p for p in pins if not (cache_dir / p.filename).exists()]
     if missing:
-        _apt_download([(p.name, p.version) for p in missing], [p.filename for p in missing], cache_dir)
+        apt_download([(p.name, p.version) for p in missing], [p.filename for p in missing], cache_dir)
     for pin in pins:
         got = sha256_file(cache_dir / pin.filename)
         if got != pin.sha256:
@@ -224,7 +224,7 @@ def _fake_status(exclude: Sequence[str], opts: list[str]) -> str:
     stanzas: list[str] = []
     for name in sorted(set(exclude)):
         cmd = ["apt-cache", *opts, "show", "--no-all-versions", name]
-        out = _run(cmd, f"look up excluded package {name}")
+        out = run_tool(cmd, f"look up excluded package {name}")
         fields = dict(ln.split(": ", 1) for ln in out.splitlines() if ": " in ln and not ln.startswith(" "))
         if "Version" not in fields:
             raise RequestError(f"excluded package {name} is not known to apt")
@@ -235,10 +235,10 @@ def _fake_status(exclude: Sequence[str], opts: list[str]) -> str:
     return "\n".join(stanzas)
 
 
-def _apt_download(items: Sequence[tuple[str, str]], filenames: Sequence[str], cache_dir: Path) -> None:
+def apt_download(items: Sequence[tuple[str, str]], filenames: Sequence[str], cache_dir: Path) -> None:
     """``apt-get download name:arch=version...`` into a temp dir, then move each file in (atomic per file)."""
     with tempfile.TemporaryDirectory(prefix=".dl-", dir=cache_dir) as tmp:
-        _run(
+        run_tool(
             [
                 "apt-get", "-o", "APT::Sandbox::User=root", "-qq", "download",
                 *(f"{n}:{ARCH}={v}" for n, v in items),
@@ -254,7 +254,7 @@ def _apt_download(items: Sequence[tuple[str, str]], filenames: Sequence[str], ca
             os.replace(src, cache_dir / filename)
 
 
-def _run(cmd: list[str], what: str, *, cwd: Path | None = None) -> str:
+def run_tool(cmd: list[str], what: str, *, cwd: Path | None = None) -> str:
     if shutil.which(cmd[0]) is None:
         raise RuntimeFailure(f"{what}: {cmd[0]} not found (install it)")
     env = {**os.environ, "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive"}
@@ -269,3 +269,21 @@ def _run(cmd: list[str], what: str, *, cwd: Path | None = None) -> str:
         detail = next((ln for ln in lines if ln.startswith("E:")), lines[-1] if lines else "")
         raise RuntimeFailure(f"{what}: {cmd[0]} failed ({proc.returncode}): {detail}")
     return proc.stdout
+
+
+def candidate(name: str) -> tuple[str, str, str]:
+    """(version, arch, sha256 from the index) of apt's candidate for ``name``; RequestError when none."""
+    _check_names([name], "package")
+    try:
+        out = run_tool(["apt-cache", "show", "--no-all-versions", name], f"look up {name}")
+    except RuntimeFailure as exc:
+        raise RequestError(f"package {name} is not known to apt") from exc
+    fields = dict(ln.split(": ", 1) for ln in out.splitlines() if ": " in ln and not ln.startswith(" "))
+    if "Version" not in fields or "SHA256" not in fields:
+        raise RequestError(f"package {name} has no installation candidate")
+    return fields["Version"], fields.get("Architecture", ARCH), fields["SHA256"]
+
+
+def deb_filename(name: str, version: str, arch: str) -> str:
+    """The file name apt gives a downloaded package (epoch colon escaped)."""
+    return f"{name}_{version.replace(':', '%3a')}_{arch}.deb"

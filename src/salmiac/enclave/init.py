@@ -1,0 +1,246 @@
+"""The enclave's PID 1: boot, talk to the parent, run the app, shut down.
+
+Sequence (each step's failure is reported to the parent if the control channel is up, then the VM powers off):
+ 1. mount /dev (devtmpfs: the kernel has no DEVTMPFS_MOUNT), /proc, /sys; stdio on /dev/console
+ 2. detect the transport (vsock on Nitro, virtio-serial in emulation) and load only the modules it needs
+ 3. heartbeat (0xB7 on port 9000, as nitro-cli expects), then the control channel: Hello → Start
+ 4. set the clock from Start, prepare the app rootfs (measured: it came in the initramfs)
+ 5. run the app under the Supervisor; send Exited with its status
+ 6. sync, unmount, power off
+What comes from the parent (Start) is validated in ``protocol.control`` before we see it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import time
+import traceback
+from typing import NoReturn
+
+from salmiac import __version__
+from salmiac.enclave import channel, sysutil
+from salmiac.enclave.appspec import AppSpecError, build_process_spec
+from salmiac.enclave.supervisor import CGROUP_ROOT, Supervisor
+from salmiac.protocol import control
+from salmiac.protocol.appconfig import APP_CONFIG_PATH, ROOTFS_IN_INITRAMFS, AppConfig
+from salmiac.protocol.channels import CONTROL_PORT, HEARTBEAT_BYTE, HEARTBEAT_PORT
+
+DEFAULT_HOSTNAME = "enclave"
+MODULES_BY_TRANSPORT = {
+    channel.SERIAL: ("virtio_console", "virtio_rng"),
+    channel.VSOCK: ("vmw_vsock_virtio_transport", "nsm"),
+}
+STATUS_SETUP_FAILED = 125  # docker's status when the container could not be started
+
+
+def console(msg: str) -> None:
+    with contextlib.suppress(OSError):
+        sys.stderr.write(f"salmiac-init: {msg}\n")
+        sys.stderr.flush()
+
+
+class ParentLink:
+    """The control channel, driven synchronously (the supervisor's loop owns timing)."""
+
+    def __init__(self, ch: channel.Channel) -> None:
+        self.ch = ch
+        self.conn = control.ControlConnection(control.Role.ENCLAVE)
+
+    def send(self, msg: control.Message) -> None:
+        self.ch.write_all(self.conn.send(msg))
+
+    def log(self, level: str, message: str) -> None:
+        console(message)
+        with contextlib.suppress(OSError, control.ProtocolError):
+            self.send(control.Log(level, message[: control.MAX_LOG_BYTES]))
+
+    def next_message(self) -> control.Message | None:
+        """Blocking: the next message, or None at EOF."""
+        while True:
+            event = self.conn.next_event()
+            if event is None or isinstance(event, control.Message):
+                return event
+            self.conn.receive_data(self.ch.read())
+
+    def pump(self) -> list[control.Message]:
+        """Non-blocking-ish: read once (the fd is readable) and return complete messages."""
+        self.conn.receive_data(self.ch.read())
+        out: list[control.Message] = []
+        while True:
+            event = self.conn.next_event()
+            if not isinstance(event, control.Message):
+                if event is None:
+                    out.append(control.Signal(15))  # parent went away: stop the app
+                return out
+            out.append(event)
+
+
+def early_mounts() -> None:
+    for path, fstype, flags in (
+        ("/dev", "devtmpfs", sysutil.MS_NOSUID),
+        ("/proc", "proc", sysutil.MS_NOSUID | sysutil.MS_NODEV | sysutil.MS_NOEXEC),
+        ("/sys", "sysfs", sysutil.MS_NOSUID | sysutil.MS_NODEV | sysutil.MS_NOEXEC),
+    ):
+        os.makedirs(path, exist_ok=True)
+        if not sysutil.mounted(path):
+            with contextlib.suppress(OSError):  # devtmpfs may already be there (EBUSY)
+                sysutil.mount(fstype, path, fstype, flags)
+    with contextlib.suppress(OSError):
+        os.makedirs(CGROUP_ROOT, exist_ok=True)
+        sysutil.mount("cgroup2", CGROUP_ROOT, "cgroup2", sysutil.MS_NOSUID | sysutil.MS_NODEV)
+    with contextlib.suppress(OSError):
+        fd = os.open("/dev/console", os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(fd, target)
+        if fd > 2:
+            os.close(fd)
+
+
+def load_transport_modules(transport: str) -> None:
+    try:
+        from salmiac.enclave import kmod
+    except ImportError:  # a base without modules: everything built in
+        return
+    kmod.load_modules(list(MODULES_BY_TRANSPORT[transport]))
+
+
+def heartbeat(transport: str) -> None:
+    ch = channel.connect(HEARTBEAT_PORT, transport)
+    try:
+        ch.write_all(bytes([HEARTBEAT_BYTE]))
+        reply = ch.read(1)
+        if reply != bytes([HEARTBEAT_BYTE]):
+            raise channel.ChannelError(0, f"bad heartbeat reply {reply!r}")
+    finally:
+        ch.close()
+
+
+def prepare_rootfs(root: str) -> None:
+    """Kernel filesystems inside the app's root, as a container runtime provides them."""
+    mounts = (
+        ("proc", "proc", "proc", sysutil.MS_NOSUID | sysutil.MS_NODEV | sysutil.MS_NOEXEC, None),
+        ("sysfs", "sys", "sysfs", sysutil.MS_NOSUID | sysutil.MS_NODEV | sysutil.MS_NOEXEC, None),
+        ("devtmpfs", "dev", "devtmpfs", sysutil.MS_NOSUID, None),
+        ("devpts", "dev/pts", "devpts", sysutil.MS_NOSUID | sysutil.MS_NOEXEC, "newinstance,ptmxmode=0666"),
+        ("shm", "dev/shm", "tmpfs", sysutil.MS_NOSUID | sysutil.MS_NODEV, "mode=1777"),
+    )
+    for source, rel, fstype, flags, data in mounts:
+        target = os.path.join(root, rel)
+        if os.path.islink(target):  # never let the image redirect a kernel mount
+            os.unlink(target)
+        os.makedirs(target, exist_ok=True)
+        sysutil.mount(source, target, fstype, flags, data)
+    etc = os.path.join(root, "etc")
+    if not os.path.islink(etc):
+        os.makedirs(etc, exist_ok=True)
+        for name, content in (
+            ("hostname", f"{DEFAULT_HOSTNAME}\n"),
+            ("hosts", f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                      f"127.0.1.1\t{DEFAULT_HOSTNAME}\n"),
+        ):
+            path = os.path.join(etc, name)
+            if not os.path.lexists(path):
+                with open(path, "w") as f:
+                    f.write(content)
+
+
+def run_app(link: ParentLink, start: control.Start, app: AppConfig) -> control.Exited:
+    if app.rootfs.type != ROOTFS_IN_INITRAMFS:
+        raise AppSpecError(f"rootfs type {app.rootfs.type!r} is not supported by this init")
+    root = app.rootfs.path
+    prepare_rootfs(root)
+    spec = build_process_spec(
+        root,
+        entrypoint=app.entrypoint,
+        cmd=app.cmd,
+        image_env=app.env,
+        working_dir=app.working_dir,
+        user=app.user,
+        args=start.args,
+        runtime_env=start.env,
+        hostname=DEFAULT_HOSTNAME,
+    )
+    workdir = os.path.join(root, spec.cwd.lstrip("/"))
+    if not os.path.isdir(workdir):
+        os.makedirs(workdir, exist_ok=True)
+    sup = Supervisor(
+        spec,
+        root,
+        send_output=lambda stream, data: link.send(control.Output(int(stream), data)),
+        stop_signal=app.stop_signal,
+        stop_timeout=app.stop_timeout,
+    )
+    try:
+        sup.start()
+    except OSError as exc:
+        status = 127 if exc.errno == 2 else 126
+        raise AppSpecError(f"exec {spec.argv[0]}: {exc.strerror}", status) from exc
+
+    def on_control() -> None:
+        for msg in link.pump():
+            if isinstance(msg, control.Signal):
+                sup.deliver(msg)
+
+    sup.add_reader(link.ch.fileno(), on_control)
+    result = sup.run()
+    sup.remove_reader(link.ch.fileno())
+    return control.Exited(result.status, result.signal)
+
+
+def boot() -> ParentLink | None:
+    early_mounts()
+    transport = channel.detect_transport(channel.virtio_device_ids())
+    load_transport_modules(transport)
+    with contextlib.suppress(OSError):
+        socket.sethostname(DEFAULT_HOSTNAME)
+    heartbeat(transport)
+    link = ParentLink(channel.connect(CONTROL_PORT, transport))
+    link.send(control.Hello(control.PROTOCOL_VERSION, __version__))
+    try:
+        msg = link.next_message()
+        if not isinstance(msg, control.Start):
+            raise control.RemoteProtocolError("the parent closed the channel before Start")
+        time.clock_settime_ns(time.CLOCK_REALTIME, msg.time_ns)
+        with open("/" + APP_CONFIG_PATH, "rb") as f:
+            app = AppConfig.from_json(f.read())
+        exited = run_app(link, msg, app)
+    except AppSpecError as exc:
+        link.log("error", str(exc))
+        exited = control.Exited(exc.status)
+    except Exception as exc:
+        link.log("error", f"enclave init failed: {type(exc).__name__}: {exc}")
+        console(traceback.format_exc())
+        exited = control.Exited(STATUS_SETUP_FAILED)
+    with contextlib.suppress(OSError, control.ProtocolError):
+        link.send(exited)
+    return link
+
+
+def shutdown(link: ParentLink | None) -> NoReturn:
+    os.sync()
+    if link is not None:
+        with contextlib.suppress(OSError):
+            link.ch.close()
+    transport_is_serial = os.path.isdir(channel.VIRTIO_PORTS_SYSFS)
+    while True:
+        with contextlib.suppress(OSError):
+            # In the emulator, power-off ends QEMU; on Nitro the hypervisor ends the enclave on reboot, as AWS's
+            # own init does.
+            sysutil.reboot(sysutil.RB_POWER_OFF if transport_is_serial else sysutil.RB_AUTOBOOT)
+        time.sleep(1)
+
+
+def main() -> NoReturn:
+    link: ParentLink | None = None
+    try:
+        link = boot()
+    except BaseException:
+        console(traceback.format_exc())
+    shutdown(link)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The app's configuration, written by the converter into the measured initramfs, read by the enclave init.
+
+It is measured (it lives in ramdisk[1], covered by PCR0/PCR2), so it is trusted; it is still parsed strictly so
+that a converter bug cannot turn into undefined behaviour in PID 1. JSON, not CBOR: it is small, read once, and
+humans inspect it. Serialisation is deterministic (sorted keys, compact) because its bytes feed the PCRs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+APP_CONFIG_PATH: Final = "salmiac/app.json"  # inside the initramfs, relative to its root
+APP_CONFIG_VERSION: Final = 1
+ROOTFS_IN_INITRAMFS: Final = "initramfs"
+ROOTFS_DIR: Final = "rootfs"  # where ramdisk[1] carries the app's files, relative to the initramfs root
+DEFAULT_STOP_TIMEOUT: Final = 10  # seconds between the stop signal and SIGKILL, as `docker stop`
+MAX_LIST: Final = 4096
+
+
+class AppConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RootfsSpec:
+    """Where the app's root filesystem comes from."""
+
+    type: str = ROOTFS_IN_INITRAMFS
+    path: str = "/" + ROOTFS_DIR
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    working_dir: str = "/"
+    user: str = ""
+    stop_signal: int = 15
+    stop_timeout: int = DEFAULT_STOP_TIMEOUT
+    exposed_ports: list[str] = field(default_factory=list)
+    overlay_persistence: bool = False
+    rootfs: RootfsSpec = field(default_factory=RootfsSpec)
+    image_name: str = ""
+    image_digest: str = ""
+    version: int = APP_CONFIG_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> AppConfig:
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise AppConfigError(f"app config is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise AppConfigError("app config is not an object")
+        if data.get("version") != APP_CONFIG_VERSION:
+            raise AppConfigError(f"unsupported app config version {data.get('version')!r}")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise AppConfigError(f"unknown app config field {sorted(unknown)[0]!r}")
+        for name in ("entrypoint", "cmd", "env", "exposed_ports"):
+            _check_str_list(name, data.get(name, []))
+        for name in ("working_dir", "user", "image_name", "image_digest"):
+            if not isinstance(data.get(name, ""), str):
+                raise AppConfigError(f"app config {name} must be a string")
+        for name in ("stop_signal", "stop_timeout"):
+            value = data.get(name, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 3600:
+                raise AppConfigError(f"app config {name} out of range")
+        if not 1 <= data.get("stop_signal", 15) <= 64:
+            raise AppConfigError("app config stop_signal out of range")
+        if not isinstance(data.get("overlay_persistence", False), bool):
+            raise AppConfigError("app config overlay_persistence must be a boolean")
+        rootfs = data.pop("rootfs", {})
+        if not isinstance(rootfs, dict) or set(rootfs) - {"type", "path"}:
+            raise AppConfigError("app config rootfs is malformed")
+        if not str(data.get("working_dir", "/")).startswith("/"):
+            raise AppConfigError("app config working_dir must be absolute")
+        return cls(rootfs=RootfsSpec(**rootfs), **data)
+
+
+def _check_str_list(name: str, value: Any) -> None:
+    if not isinstance(value, list) or len(value) > MAX_LIST or not all(isinstance(v, str) for v in value):
+        raise AppConfigError(f"app config {name} must be a list of strings")
+    if any("\0" in v for v in value):
+        raise AppConfigError(f"app config {name} contains NUL")

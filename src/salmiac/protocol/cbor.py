@@ -173,7 +173,8 @@ class _Decoder:
             result: dict[Any, Any] = {}
             for _ in range(arg):
                 key = self.item(depth + 1)
-                if isinstance(key, list | dict):
+                # A tagged key may wrap a list (unhashable); no format of ours uses tagged keys.
+                if isinstance(key, list | dict | Tag):
                     raise CborError("map keys must be scalars")
                 if key in result:
                     raise CborError(f"duplicate map key {key!r}")

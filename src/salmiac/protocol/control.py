@@ -154,7 +154,10 @@ def encode_message(msg: Message) -> bytes:
     body: dict[str, Any] = {"type": msg.TYPE}
     for f in fields(msg):
         body[f.name] = getattr(msg, f.name)
-    payload = cbor.dumps(body)
+    try:
+        payload = cbor.dumps(body)
+    except cbor.CborError as exc:  # e.g. a config value CBOR cannot carry
+        raise LocalProtocolError(f"{msg.TYPE}: {exc}") from exc
     if len(payload) > MAX_MESSAGE:
         raise LocalProtocolError(f"{msg.TYPE} message of {len(payload)} bytes exceeds {MAX_MESSAGE}")
     return len(payload).to_bytes(LENGTH_BYTES, "big") + payload
@@ -177,6 +180,10 @@ def _str_list(name: str, value: Any, max_items: int) -> list[str]:
     return list(value)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _validate(msg: Message) -> None:
     """Type and range checks on a decoded message (the peer may be hostile)."""
     match msg:
@@ -194,16 +201,26 @@ def _validate(msg: Message) -> None:
                     raise _fail(f"start.env: {entry[:40]!r} is not KEY=VALUE")
             if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
                 raise _fail("start.config: expected a map with string keys")
-            if len(cbor.dumps(config)) > MAX_CONFIG_BYTES:
+            try:
+                config_size = len(cbor.dumps(config))
+            except cbor.CborError as exc:  # only on send: whatever we decoded re-encodes
+                raise _fail(f"start.config: {exc}") from exc
+            if config_size > MAX_CONFIG_BYTES:
                 raise _fail("start.config: too large")
         case Signal(signum=s):
-            if s not in ALLOWED_SIGNALS or isinstance(s, bool):
+            # Type first: a list is unhashable (TypeError in the set lookup) and 15.0 == 15 would slip through.
+            if not _is_int(s) or s not in ALLOWED_SIGNALS:
                 raise _fail(f"signal: signal {s!r} may not be forwarded")
         case Output(stream=s, data=d):
-            if s not in (Stream.STDOUT, Stream.STDERR) or not isinstance(d, bytes) or len(d) > MAX_OUTPUT_CHUNK:
+            if (
+                not _is_int(s)
+                or s not in (Stream.STDOUT, Stream.STDERR)
+                or not isinstance(d, bytes)
+                or len(d) > MAX_OUTPUT_CHUNK
+            ):
                 raise _fail("output: bad stream or data")
         case Log(level=lv, message=m):
-            if lv not in LOG_LEVELS or not isinstance(m, str) or len(m) > MAX_LOG_BYTES:
+            if not isinstance(lv, str) or lv not in LOG_LEVELS or not isinstance(m, str) or len(m) > MAX_LOG_BYTES:
                 raise _fail("log: bad level or message")
         case Exited(status=st, signal=sig):
             if not isinstance(st, int) or isinstance(st, bool) or not 0 <= st <= 255:
@@ -299,8 +316,14 @@ class ControlConnection:
     def send(self, msg: Message) -> bytes:
         if msg.SENDER is not self.role:
             raise LocalProtocolError(f"{self.role.value} may not send {msg.TYPE}")
+        # What we send must pass the peer's checks, or the peer would drop the whole connection over it.
+        try:
+            _validate(msg)
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(str(exc)) from exc
+        data = encode_message(msg)  # before the transition: a message we cannot encode changes no state
         self._transition(msg, incoming=False)
-        return encode_message(msg)
+        return data
 
     def _transition(self, msg: Message, *, incoming: bool) -> None:
         err: type[ProtocolError] = RemoteProtocolError if incoming else LocalProtocolError

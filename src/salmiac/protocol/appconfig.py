@@ -53,12 +53,16 @@ class AppConfig:
     @classmethod
     def from_json(cls, raw: bytes) -> AppConfig:
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            data = json.loads(raw, object_pairs_hook=_no_duplicates)
+        except AppConfigError:
+            raise
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
             raise AppConfigError(f"app config is not JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise AppConfigError("app config is not an object")
-        if data.get("version") != APP_CONFIG_VERSION:
+        # `true == 1` in Python: check the type, or {"version": true} passes for version 1.
+        version = data.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version != APP_CONFIG_VERSION:
             raise AppConfigError(f"unsupported app config version {data.get('version')!r}")
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
@@ -80,9 +84,21 @@ class AppConfig:
         rootfs = data.pop("rootfs", {})
         if not isinstance(rootfs, dict) or set(rootfs) - {"type", "path"}:
             raise AppConfigError("app config rootfs is malformed")
+        if not all(isinstance(v, str) for v in rootfs.values()):
+            raise AppConfigError("app config rootfs type and path must be strings")
         if not str(data.get("working_dir", "/")).startswith("/"):
             raise AppConfigError("app config working_dir must be absolute")
         return cls(rootfs=RootfsSpec(**rootfs), **data)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's default keeps the last of two equal keys; a config with two meanings is a converter bug."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise AppConfigError(f"duplicate app config key {key!r}")
+        result[key] = value
+    return result
 
 
 def _check_str_list(name: str, value: Any) -> None:

@@ -85,13 +85,28 @@ def _read_db(rootfs: str, name: str) -> list[list[str]]:
         return []
 
 
+def _is_number(text: str) -> bool:
+    # str.isdigit() is true for "²" and other non-ASCII digits that int() refuses or reads differently.
+    return text.isascii() and text.isdigit()
+
+
+def _clean_abs(path: str) -> str:
+    """Absolute form of an in-root path without empty or "." parts.
+
+    Not posixpath.normpath: it keeps exactly two leading slashes ("//app"), and it folds ".." lexically, which
+    differs from the kernel when the part before ".." is a symlink (resolve_in_root follows the kernel).
+    """
+    return "/" + "/".join(p for p in path.split("/") if p not in ("", "."))
+
+
 def resolve_user(rootfs: str, user: str) -> tuple[int, int, list[int], str]:
     """(uid, gid, supplementary groups, home) for a docker USER string."""
     name, _, group = (user or "0").partition(":")
-    passwd = [e for e in _read_db(rootfs, "passwd") if len(e) >= 7]
-    groups_db = [e for e in _read_db(rootfs, "group") if len(e) >= 3]
+    # Entries with non-numeric ids are malformed: skip them rather than fail on int().
+    passwd = [e for e in _read_db(rootfs, "passwd") if len(e) >= 7 and _is_number(e[2])]
+    groups_db = [e for e in _read_db(rootfs, "group") if len(e) >= 3 and _is_number(e[2])]
     entry = None
-    if name.isdigit():
+    if _is_number(name):
         uid = int(name)
         entry = next((e for e in passwd if e[2] == name), None)
     else:
@@ -99,10 +114,10 @@ def resolve_user(rootfs: str, user: str) -> tuple[int, int, list[int], str]:
         if entry is None:
             raise AppSpecError(f"unable to find user {name}: no matching entries in passwd file")
         uid = int(entry[2])
-    gid = int(entry[3]) if entry is not None and entry[3].isdigit() else 0
+    gid = int(entry[3]) if entry is not None and _is_number(entry[3]) else 0
     home = entry[5] if entry is not None and entry[5] else "/"
     if group:
-        if group.isdigit():
+        if _is_number(group):
             gid = int(group)
         else:
             g = next((e for e in groups_db if e[0] == group), None)
@@ -113,7 +128,7 @@ def resolve_user(rootfs: str, user: str) -> tuple[int, int, list[int], str]:
     if entry is not None and not group:
         for g in groups_db:
             members = g[3].split(",") if len(g) > 3 else []
-            if entry[0] in members and g[2].isdigit() and int(g[2]) not in supplementary:
+            if entry[0] in members and int(g[2]) not in supplementary:
                 supplementary.append(int(g[2]))
     if not 0 <= uid < 2**32 - 1 or not 0 <= gid < 2**32 - 1:
         raise AppSpecError(f"user {user!r} is out of range")
@@ -123,13 +138,13 @@ def resolve_user(rootfs: str, user: str) -> tuple[int, int, list[int], str]:
 def find_executable(rootfs: str, name: str, cwd: str, path_env: str) -> str:
     """Absolute in-rootfs path of the program, as execvp inside the chroot would find it."""
     if "/" in name:
-        candidate = name if name.startswith("/") else os.path.normpath(os.path.join(cwd, name))
+        candidate = _clean_abs(name if name.startswith("/") else os.path.join(cwd, name))
         _check_executable(rootfs, candidate, name)
         return candidate
     for directory in path_env.split(":"):
         if not directory:
             directory = cwd
-        candidate = os.path.normpath(os.path.join(cwd, directory, name))
+        candidate = _clean_abs(os.path.join(cwd, directory, name))
         host = resolve_in_root(rootfs, candidate)
         if os.path.isfile(host) and os.stat(host).st_mode & 0o111:
             return candidate
@@ -168,6 +183,6 @@ def build_process_spec(
     env.setdefault("PATH", DEFAULT_PATH)
     env.setdefault("HOSTNAME", hostname)
     env.setdefault("HOME", home)
-    cwd = os.path.normpath("/" + (working_dir or "/"))
+    cwd = _clean_abs(working_dir)
     path = find_executable(rootfs, argv[0], cwd, env["PATH"])
     return ProcessSpec(path=path, argv=argv, env=env, cwd=cwd, uid=uid, gid=gid, groups=groups)

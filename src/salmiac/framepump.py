@@ -1,0 +1,375 @@
+"""Blocking I/O that moves Ethernet frames between a frame device and a byte stream.
+
+Shared by both sides (``enclave.network`` pumps its TAP, ``parent.netrelay`` pumps a TAP or an AF_PACKET
+socket); it imports neither, and all framing rules live in ``protocol.frames``.
+
+Why threads and not asyncio: per frame the work is one syscall on each side, and the GIL is released in
+each of them, so two threads (device -> stream, stream -> device) overlap their syscalls, while an event
+loop would add a callback and a readiness round trip per frame. Throughput comes from batching: the
+device side drains every frame that is ready (non-blocking reads until EAGAIN, up to ``batch_bytes``)
+and sends them with one ``sendall``; the stream side reads up to ``recv_bytes`` at a time and writes out
+every complete frame. Socket buffers are enlarged so a burst does not stall either side.
+
+A frame the device refuses (wrong size for its MTU: EINVAL/EMSGSIZE) is counted and dropped; a frame
+the framing refuses is counted by the encoder/decoder. Only end of stream, a device that goes away, or
+``stop()`` ends the pump.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from salmiac.protocol.frames import CLOSED, MAX_FRAME, FrameDecoder, FrameEncoder, FrameStats
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_AUXDATA = 8
+PACKET_IGNORE_OUTGOING = 23
+TP_STATUS_CSUMNOTREADY = 1 << 3
+PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST = 0, 1, 2
+SOCKET_BUFFER = 4 << 20
+_AUXDATA = struct.Struct("=IIIHHHH")
+_DROP_ERRNOS = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.ENOBUFS})
+
+
+class FramePort(Protocol):
+    """A device that reads and writes whole Ethernet frames."""
+
+    def fileno(self) -> int: ...
+
+    def read_frames(self, budget: int) -> list[bytes]:
+        """Every frame ready now, up to ``budget`` bytes; ``[]`` if none. Never blocks."""
+        ...
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Deliver one frame; False if the device refused this frame (counted by the caller)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_tap(name: str) -> int:
+    """Create (or attach to) TAP device ``name`` without packet-info headers; returns a non-blocking fd."""
+    if not name or len(name.encode()) > 15:
+        raise ValueError(f"bad interface name {name!r}")
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class TapPort:
+    """A TAP fd (IFF_TAP|IFF_NO_PI): one read is one frame, one write is one frame."""
+
+    def __init__(self, fd: int, max_frame: int = MAX_FRAME) -> None:
+        self.fd = fd
+        self.max_frame = max_frame
+        self.rx_dropped = 0
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read_frames(self, budget: int) -> list[bytes]:
+        out: list[bytes] = []
+        read, size = os.read, self.max_frame + 1
+        while budget > 0:
+            try:
+                frame = read(self.fd, size)
+            except BlockingIOError:
+                break
+            if len(frame) > self.max_frame:
+                self.rx_dropped += 1  # truncated: larger than any frame we may forward
+                continue
+            out.append(frame)
+            budget -= len(frame)
+        return out
+
+    def write_frame(self, frame: bytes) -> bool:
+        try:
+            os.write(self.fd, frame)
+        except BlockingIOError:
+            return False  # TAP queue full: drop like a NIC would
+        except OSError as exc:
+            if exc.errno in _DROP_ERRNOS:
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def ones_complement_checksum(data: bytes | bytearray | memoryview) -> int:
+    """RFC 1071 checksum. 65536 == 1 (mod 65535), so the 16-bit word sum is the big integer mod 65535."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    total = int.from_bytes(data, "big") % 0xFFFF
+    if total == 0 and any(data):
+        total = 0xFFFF
+    return ~total & 0xFFFF
+
+
+def complete_checksum(frame: bytearray, net_offset: int) -> None:
+    """Finish a TCP/UDP checksum left partial by the sender's offload (the field holds the pseudo-header sum).
+
+    Such frames are seen on AF_PACKET when the sender is local or a veth/virtual NIC; a TAP on the other
+    side would drop them as corrupt. Only IPv4 and IPv6 without extension headers are handled.
+    """
+    if net_offset + 20 > len(frame):
+        return
+    version = frame[net_offset] >> 4
+    if version == 4:
+        ihl = (frame[net_offset] & 0x0F) * 4
+        proto = frame[net_offset + 9]
+        l4 = net_offset + ihl
+    elif version == 6:
+        proto = frame[net_offset + 6]
+        l4 = net_offset + 40
+    else:
+        return
+    field_at = {6: 16, 17: 6}.get(proto)
+    if field_at is None or l4 + field_at + 2 > len(frame):
+        return
+    csum = ones_complement_checksum(memoryview(frame)[l4:])
+    if proto == 17 and csum == 0:
+        csum = 0xFFFF
+    frame[l4 + field_at : l4 + field_at + 2] = csum.to_bytes(2, "big")
+
+
+def dst_port(frame: bytes | bytearray) -> int | None:
+    """Destination TCP/UDP port of an untagged IPv4/IPv6 frame (first fragment only), else None."""
+    if len(frame) < 34:
+        return None
+    ethertype = (frame[12] << 8) | frame[13]
+    if ethertype == 0x0800:
+        ihl = (frame[14] & 0x0F) * 4
+        if frame[23] not in (6, 17) or (((frame[20] & 0x1F) << 8) | frame[21]) != 0:
+            return None
+        at = 14 + ihl + 2
+    elif ethertype == 0x86DD:
+        if frame[20] not in (6, 17):
+            return None
+        at = 14 + 40 + 2
+    else:
+        return None
+    if at + 2 > len(frame):
+        return None
+    return (frame[at] << 8) | frame[at + 1]
+
+
+class PacketPort:
+    """An AF_PACKET socket on a host interface: what arrives for this host, and injection of frames.
+
+    Only frames addressed to this host (unicast to its MAC, broadcast, multicast) are read; our own
+    transmissions are not looped back (PACKET_IGNORE_OUTGOING). Partial checksums are completed.
+    ``keep_port_range``: TCP/UDP frames to these destination ports stay with the host's own kernel
+    (its ephemeral range, so the parent's own connections keep working) and are not forwarded.
+    """
+
+    def __init__(self, ifname: str, max_frame: int = MAX_FRAME, keep_port_range: tuple[int, int] | None = None) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.max_frame = max_frame
+        self.keep_port_range = keep_port_range
+        self.rx_dropped = 0
+        self.rx_kept_for_host = 0
+        try:
+            self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+            # Kernels < 4.20 lack it: outgoing frames are then filtered by pkttype in read_frames.
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            _grow_buffers(self.sock)
+            self.sock.bind((ifname, ETH_P_ALL))
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._cmsg_space = socket.CMSG_SPACE(_AUXDATA.size)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read_frames(self, budget: int) -> list[bytes]:
+        out: list[bytes] = []
+        size = self.max_frame + 1
+        keep = self.keep_port_range
+        while budget > 0:
+            try:
+                data, anc, flags, addr = self.sock.recvmsg(size, self._cmsg_space)
+            except BlockingIOError:
+                break
+            if addr[2] not in (PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST):
+                continue
+            if len(data) > self.max_frame or flags & socket.MSG_TRUNC:
+                self.rx_dropped += 1  # e.g. GRO left on: too big to be one frame
+                continue
+            if keep is not None:
+                port = dst_port(data)
+                if port is not None and keep[0] <= port <= keep[1]:
+                    self.rx_kept_for_host += 1
+                    continue
+            for level, kind, cdata in anc:
+                if level == SOL_PACKET and kind == PACKET_AUXDATA and len(cdata) >= _AUXDATA.size:
+                    status, _l, _s, _mac, net, _t, _p = _AUXDATA.unpack_from(cdata)
+                    if status & TP_STATUS_CSUMNOTREADY:
+                        fixed = bytearray(data)
+                        complete_checksum(fixed, net)
+                        data = bytes(fixed)
+            out.append(data)
+            budget -= len(data)
+        return out
+
+    def write_frame(self, frame: bytes) -> bool:
+        try:
+            self.sock.send(frame)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno in _DROP_ERRNOS:
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _grow_buffers(sock: socket.socket) -> None:
+    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+
+
+@dataclass
+class PumpStats:
+    """Counters of one pump. ``to_stream``/``from_stream`` are the framing counters of each direction."""
+
+    to_stream: FrameStats = field(default_factory=FrameStats)
+    from_stream: FrameStats = field(default_factory=FrameStats)
+    device_tx_refused: int = 0
+
+    def as_dict(self, port: FramePort | None = None) -> dict[str, object]:
+        out: dict[str, object] = {
+            "to_stream": self.to_stream.as_dict(),
+            "from_stream": self.from_stream.as_dict(),
+            "device_tx_refused": self.device_tx_refused,
+        }
+        if port is not None:
+            out["device_rx_dropped"] = getattr(port, "rx_dropped", 0)
+            if hasattr(port, "rx_kept_for_host"):
+                out["device_rx_kept_for_host"] = port.rx_kept_for_host
+        return out
+
+
+class FramePump:
+    """Moves frames both ways between ``port`` and a connected stream socket until either side ends."""
+
+    def __init__(
+        self,
+        port: FramePort,
+        stream: socket.socket,
+        *,
+        max_frame: int = MAX_FRAME,
+        batch_bytes: int = 256 << 10,
+        recv_bytes: int = 1 << 20,
+    ) -> None:
+        self.port = port
+        self.stream = stream
+        self.encoder = FrameEncoder(max_frame)
+        self.decoder = FrameDecoder(max_frame)
+        self.stats = PumpStats(self.encoder.stats, self.decoder.stats)
+        self.batch_bytes = batch_bytes
+        self.recv_bytes = recv_bytes
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._done = threading.Event()
+        self._stopping = False
+        self.error: BaseException | None = None
+        stream.setblocking(True)
+        _grow_buffers(stream)
+
+    def run(self) -> None:
+        """Pump until the stream ends, the device fails, or ``stop()``; re-raises a device/stream error."""
+        threads = [
+            threading.Thread(target=self._guard, args=(self._device_to_stream,), name="frames-out", daemon=True),
+            threading.Thread(target=self._guard, args=(self._stream_to_device,), name="frames-in", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        self._done.wait()
+        self._shutdown()
+        for t in threads:
+            t.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._done.set()
+
+    def _shutdown(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+        with contextlib.suppress(OSError):  # the peer may have disconnected already
+            self.stream.shutdown(socket.SHUT_RDWR)
+
+    def _guard(self, body: Callable[[], None]) -> None:
+        try:
+            body()
+        except OSError as exc:
+            if not self._stopping and self.error is None:
+                self.error = exc
+        finally:
+            self._done.set()
+
+    def _device_to_stream(self) -> None:
+        poller = select.poll()
+        poller.register(self.port.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        encode, sendall, read = self.encoder.encode, self.stream.sendall, self.port.read_frames
+        while not self._stopping:
+            events = poller.poll()
+            if any(fd == self._wake_r for fd, _ in events):
+                return
+            frames = read(self.batch_bytes)
+            if frames:
+                data = encode(frames)
+                if data:
+                    sendall(data)
+
+    def _stream_to_device(self) -> None:
+        buf = bytearray(self.recv_bytes)
+        view = memoryview(buf)
+        recv_into, write = self.stream.recv_into, self.port.write_frame
+        decoder = self.decoder
+        while not self._stopping:
+            n = recv_into(view)
+            decoder.receive_data(view[:n] if n else b"")
+            while True:
+                frame = decoder.next_frame()
+                if isinstance(frame, bytes):
+                    if not write(frame):
+                        self.stats.device_tx_refused += 1
+                elif frame is CLOSED:
+                    return
+                else:
+                    break

@@ -463,3 +463,17 @@ def manifest_bytes(
     if annotations:
         doc["annotations"] = dict(sorted(annotations.items()))
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class LayerBlob:
+    """A layer file ready to be written to a destination (the converter's output)."""
+
+    path: str
+    media_type: str
+    digest: str
+    size: int
+    diff_id: str
+
+    def descriptor(self) -> Descriptor:
+        return Descriptor(self.media_type, self.digest, self.size)

@@ -151,6 +151,11 @@ def run_app(link: ParentLink, start: control.Start, app: AppConfig) -> control.E
     if app.rootfs.type != ROOTFS_IN_INITRAMFS:
         raise AppSpecError(f"rootfs type {app.rootfs.type!r} is not supported by this init")
     root = app.rootfs.path
+    args, runtime_env = start.args, start.env
+    if not app.allow_cmdline_args and (args is not None or runtime_env):
+        link.log("warning", "run-time arguments and environment ignored: the image was converted with "
+                            "allow_cmdline_args=false")
+        args, runtime_env = None, []
     prepare_rootfs(root)
     spec = build_process_spec(
         root,
@@ -159,8 +164,8 @@ def run_app(link: ParentLink, start: control.Start, app: AppConfig) -> control.E
         image_env=app.env,
         working_dir=app.working_dir,
         user=app.user,
-        args=start.args,
-        runtime_env=start.env,
+        args=args,
+        runtime_env=runtime_env,
         hostname=DEFAULT_HOSTNAME,
     )
     workdir = os.path.join(root, spec.cwd.lstrip("/"))

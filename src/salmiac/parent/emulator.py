@@ -201,7 +201,8 @@ class EmulatedEnclave:
         exit_task = asyncio.ensure_future(proc.wait())
         try:
             while not heartbeat.done():
-                await asyncio.wait({heartbeat, exit_task}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                pending: set[asyncio.Future[object]] = {heartbeat, exit_task}  # type: ignore[arg-type]
+                await asyncio.wait(pending, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
                 if heartbeat.done():
                     break
                 if exit_task.done():

@@ -42,6 +42,7 @@ class AppConfig:
     stop_timeout: int = DEFAULT_STOP_TIMEOUT
     exposed_ports: list[str] = field(default_factory=list)
     overlay_persistence: bool = False
+    allow_cmdline_args: bool = True  # may the parent replace CMD and add env at run time
     rootfs: RootfsSpec = field(default_factory=RootfsSpec)
     image_name: str = ""
     image_digest: str = ""
@@ -79,8 +80,9 @@ class AppConfig:
                 raise AppConfigError(f"app config {name} out of range")
         if not 1 <= data.get("stop_signal", 15) <= 64:
             raise AppConfigError("app config stop_signal out of range")
-        if not isinstance(data.get("overlay_persistence", False), bool):
-            raise AppConfigError("app config overlay_persistence must be a boolean")
+        for name in ("overlay_persistence", "allow_cmdline_args"):
+            if not isinstance(data.get(name, False), bool):
+                raise AppConfigError(f"app config {name} must be a boolean")
         rootfs = data.pop("rootfs", {})
         if not isinstance(rootfs, dict) or set(rootfs) - {"type", "path"}:
             raise AppConfigError("app config rootfs is malformed")

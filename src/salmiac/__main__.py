@@ -1,0 +1,5 @@
+import sys
+
+from salmiac.cli import main
+
+sys.exit(main())

@@ -1,0 +1,167 @@
+"""Command line: ``salmiac convert | run | inspect``. The only place that exits or configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from salmiac import __version__
+from salmiac.errors import RequestError, SalmiacError
+
+log = logging.getLogger("salmiac")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise RequestError(f"usage: {message} (see `salmiac {self.prog.split()[-1]} --help`)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="salmiac", description="Run unmodified container images inside AWS Nitro Enclaves.")
+    p.add_argument("--version", action="version", version=f"salmiac {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add_tls(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--tls-verify", default="true", choices=["true", "false"],
+                        help="verify registry TLS certificates (false also allows plain HTTP), as skopeo")
+        sp.add_argument("--ca-file", help="extra CA certificate (PEM) for registries")
+        sp.add_argument("--cache-dir", type=Path, help="cache directory (default: $SALMIAC_CACHE_DIR or "
+                                                       "~/.cache/salmiac)")
+
+    c = sub.add_parser("convert", help="convert an image into an enclave image (response JSON on stdout)")
+    c.add_argument("request", help="conversion request JSON file, or - for standard input")
+    c.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_tls(c)
+
+    r = sub.add_parser("run", help="run a converted image (on Nitro, or emulated with --emulate)")
+    r.add_argument("--emulate", action="store_true", default=os.environ.get("SALMIAC_EMULATE") == "1",
+                   help="boot the enclave in QEMU instead of Nitro (also SALMIAC_EMULATE=1)")
+    r.add_argument("--bundle", type=Path, help="run an unpacked bundle directory (inside the converted image)")
+    r.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE", help="set an app env var")
+    r.add_argument("--cpus", type=int, help="enclave vCPUs (default from the image, env CPU_COUNT)")
+    r.add_argument("--memory", help="enclave memory, e.g. 4096M (default from the image, env MEM_SIZE)")
+    r.add_argument("--debug", action="store_true", help="debug mode: show the enclave console")
+    r.add_argument("--console-log", type=Path, help="keep the emulated guest console in this file")
+    add_tls(r)
+    r.add_argument("rest", nargs=argparse.REMAINDER, metavar="IMAGE [ARGS...]")
+
+    i = sub.add_parser("inspect", help="describe an EIF, like `nitro-cli describe-eif`")
+    i.add_argument("eif", type=Path)
+    return p
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    from salmiac.convert import default_cache_dir
+
+    return args.cache_dir or default_cache_dir()
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from salmiac.convert import convert
+    from salmiac.progress import Progress
+    from salmiac.request import ConversionRequest
+
+    try:
+        raw = sys.stdin.buffer.read() if args.request == "-" else Path(args.request).read_bytes()
+    except OSError as exc:
+        raise RequestError(f"request file {args.request}: {exc.strerror}") from exc
+    req = ConversionRequest.from_json(raw)
+    with Progress(enabled=not args.quiet) as progress:
+        resp = convert(req, cache_dir=_cache_dir(args), progress=progress, tls_verify=args.tls_verify == "true",
+                       ca_file=args.ca_file)
+    sys.stdout.write(resp.to_json() + "\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from salmiac.parent.emulator import EmulatedEnclave, EmulatorOptions
+    from salmiac.parent.session import StartParams
+    from salmiac.runconfig import EIF_NAME, RUN_CONFIG_NAME, RunConfig, parse_size_mib
+
+    rest: list[str] = list(args.rest)
+    if args.bundle is not None:
+        bundle = args.bundle
+        app_args = rest
+    else:
+        if not rest:
+            raise RequestError("usage: salmiac run [OPTIONS] IMAGE [ARGS...]: IMAGE is missing")
+        from salmiac.parent.bundle import extract_bundle
+
+        bundle = extract_bundle(rest[0], _cache_dir(args), tls_verify=args.tls_verify == "true",
+                                ca_file=args.ca_file)
+        app_args = rest[1:]
+    try:
+        run_cfg = RunConfig.from_json((bundle / RUN_CONFIG_NAME).read_bytes())
+    except OSError as exc:
+        raise RequestError(f"{bundle / RUN_CONFIG_NAME}: {exc.strerror}") from exc
+    run_cfg = run_cfg.with_env_overrides(os.environ)
+    for entry in args.env:
+        if "=" not in entry or entry.startswith("="):
+            raise RequestError(f"-e {entry!r}: expected KEY=VALUE")
+    cpus = args.cpus if args.cpus is not None else run_cfg.cpu_count
+    memory = parse_size_mib(args.memory, "--memory") if args.memory else run_cfg.memory_mib
+    params = StartParams(args=app_args or None, env=list(args.env))
+    if not args.emulate:
+        if not os.path.exists("/dev/nitro_enclaves"):
+            raise RequestError("this host has no /dev/nitro_enclaves: run on a Nitro Enclaves-enabled instance, "
+                               "or add --emulate for local emulation")
+        from salmiac.parent.nitro import run_nitro
+
+        return asyncio.run(run_nitro(bundle / run_cfg.eif, cpus=cpus, memory_mib=memory,
+                                     debug=args.debug or run_cfg.debug, params=params))
+    opts = EmulatorOptions(cpus=cpus, memory_mib=memory, debug=args.debug or run_cfg.debug,
+                           console_log=args.console_log)
+    enclave = EmulatedEnclave(bundle / EIF_NAME if run_cfg.eif == EIF_NAME else bundle / run_cfg.eif, opts, params)
+    return asyncio.run(enclave.run())
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from salmiac.eif.reader import read_eif
+
+    if not args.eif.is_file():
+        raise RequestError(f"{args.eif}: no such file")
+    sys.stdout.write(json.dumps(read_eif(args.eif).describe(), indent=2) + "\n")
+    return 0
+
+
+def _setup_logging(verbosity: int) -> None:
+    level_name = os.environ.get("SALMIAC_LOGLEVEL", "").upper()
+    level = getattr(logging, level_name, None) if level_name else None
+    if not isinstance(level, int):
+        level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("salmiac: %(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    verbose = 0
+    try:
+        args = parser.parse_args(argv)
+        verbose = args.verbose
+        _setup_logging(verbose)
+        handler = {"convert": cmd_convert, "run": cmd_run, "inspect": cmd_inspect}[args.command]
+        return handler(args)
+    except SalmiacError as exc:
+        sys.stderr.write(f"salmiac: error: {exc}\n")
+        if verbose and exc.diagnostics():
+            sys.stderr.write(exc.diagnostics() + "\n")
+        if verbose > 1 and exc.__cause__ is not None:
+            sys.stderr.write(f"caused by: {exc.__cause__!r}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,7 +19,7 @@ from salmiac.protocol.frames import (
     encode_raw,
 )
 
-ETH = bytes.fromhex("ffffffffffff" "020000000001" "0800")
+ETH = bytes.fromhex("ffffffffffff0200000000010800")
 
 
 def frame(n: int, fill: int = 0xAB) -> bytes:

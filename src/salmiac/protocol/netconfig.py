@@ -122,8 +122,7 @@ class NetworkConfig:
                 ipv6=_opt(unsafe, "ipv6", lambda v: IPv6Interface(_s("ipv6", v))),
                 gateway6=_opt(unsafe, "gateway6", lambda v: IPv6Address(_s("gateway6", v))),
                 dns_servers=tuple(
-                    ipaddress.ip_address(_s("dns_servers", v))
-                    for v in _list(unsafe, "dns_servers", MAX_DNS_SERVERS)
+                    ipaddress.ip_address(_s("dns_servers", v)) for v in _list(unsafe, "dns_servers", MAX_DNS_SERVERS)
                 ),
                 search_domains=tuple(
                     _s("search_domains", v) for v in _list(unsafe, "search_domains", MAX_SEARCH_DOMAINS)

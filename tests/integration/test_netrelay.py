@@ -1,0 +1,339 @@
+"""The enclave's network end to end, without QEMU: three netns, real TAP, real AF_PACKET, real tools.
+
+curl, redis-cli, ping, dnsmasq and iperf-free Python sockets are the oracles. Each test creates its own
+namespaces (module-scoped where the topology can be shared) and removes them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from netns_topology import CLIENT_IP, PARENT_IP, PY, Topology, have_netns_tools, wait_until
+
+from salmiac.protocol.frames import FrameDecoder, FrameEncoder, encode_raw
+
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(bool(have_netns_tools()), reason=str(have_netns_tools()))]
+
+
+def needs(*tools: str) -> None:
+    import shutil
+
+    for t in tools:
+        if shutil.which(t) is None:
+            pytest.skip(f"needs {t}")
+
+
+@pytest.fixture(scope="module")
+def transparent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    topo = Topology(tmp_path_factory.mktemp("netns-transparent"))
+    try:
+        yield topo
+    finally:
+        topo.close()
+
+
+def serve_http(topo: Topology, ns: str, bind: str, port: int, log: str) -> Path:
+    """A directory with one random file, served by python -m http.server; returns the file."""
+    d = topo.dir / f"www-{port}"
+    d.mkdir(exist_ok=True)
+    f = d / "blob.bin"
+    f.write_bytes(secrets.token_bytes(300_000))
+    topo.spawn(ns, PY, "-m", "http.server", str(port), "--bind", bind, "--directory", str(d), log=log)
+    return f
+
+
+def curl(topo: Topology, ns: str, url: str, out: Path, timeout: int = 10) -> subprocess.CompletedProcess[str]:
+    return topo.ns(ns, "curl", "-sS", "-m", str(timeout), "-o", str(out), "-w", "%{http_code} %{remote_ip}", url,
+                   check=False)  # fmt: skip
+
+
+def test_enclave_took_the_offer(transparent: Topology) -> None:
+    t = transparent
+    addr = t.ns(t.enclave, "ip", "-j", "addr", "show", "salmiac0").stdout
+    link = json.loads(addr)[0]
+    assert link["address"] == t.offer["mac"]
+    assert link["mtu"] == 1500
+    assert any(a["local"] == PARENT_IP and a["prefixlen"] == 24 for a in link["addr_info"])
+    assert "default via 10.77.0.1" in t.ns(t.enclave, "ip", "route").stdout
+    assert t.ready["hostname"] == "encl"
+    assert (t.root / "etc" / "hostname").read_text() == "encl\n"
+    assert "nameserver 10.77.0.1" in (t.root / "etc" / "resolv.conf").read_text()
+    assert t.ns(t.enclave, "cat", "/proc/sys/net/ipv4/ip_local_port_range").stdout.split() == ["49152", "65535"]
+
+
+def test_curl_from_client_reaches_http_server_in_enclave(transparent: Topology) -> None:
+    t = transparent
+    blob = serve_http(t, t.enclave, PARENT_IP, 8000, "http-enclave.log")
+    out = t.dir / "got.bin"
+    res = wait_until(
+        lambda: (r := curl(t, t.client, f"http://{PARENT_IP}:8000/blob.bin", out)).stdout.startswith("200") and r,
+        what="http via the parent's address",
+    )
+    assert res.stdout == f"200 {PARENT_IP}"
+    assert out.read_bytes() == blob.read_bytes()
+    # The app saw the client's own address.
+    wait_until(lambda: f"{CLIENT_IP} - - " in t.log("http-enclave.log"), what="access log")
+
+
+def test_redis_set_get(transparent: Topology) -> None:
+    needs("redis-server", "redis-cli")
+    t = transparent
+    t.spawn(t.enclave, "redis-server", "--bind", PARENT_IP, "--port", "6379", "--protected-mode", "no",
+            "--save", "", "--appendonly", "no", log="redis.log")  # fmt: skip
+    value = secrets.token_hex(16)
+    wait_until(
+        lambda: t.ns(t.client, "redis-cli", "-h", PARENT_IP, "SET", "k", value, check=False).stdout.strip() == "OK",
+        what="redis SET",
+    )
+    assert t.ns(t.client, "redis-cli", "-h", PARENT_IP, "GET", "k").stdout.strip() == value
+
+
+def test_outbound_http_by_name_through_dnsmasq(transparent: Topology) -> None:
+    needs("dnsmasq")
+    t = transparent
+    t.spawn(t.client, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
+            f"--listen-address={CLIENT_IP}", f"--host-record=web.test,{CLIENT_IP}", "--log-queries",
+            "--log-facility=-", log="dnsmasq.log")  # fmt: skip
+    blob = serve_http(t, t.client, CLIENT_IP, 8080, "http-client.log")
+    out = t.dir / "out.bin"
+    res = wait_until(
+        lambda: (r := curl(t, t.enclave, "http://web.test:8080/blob.bin", out)).stdout.startswith("200") and r,
+        what="outbound http by name",
+    )
+    assert res.stdout == f"200 {CLIENT_IP}"
+    assert out.read_bytes() == blob.read_bytes()
+    assert "query[A] web.test" in t.log("dnsmasq.log")
+    # The search domain from the offer works too ("web" -> "web.test").
+    assert curl(t, t.enclave, "http://web:8080/blob.bin", out).stdout == f"200 {CLIENT_IP}"
+
+
+def test_ping_both_ways_without_duplicates(transparent: Topology) -> None:
+    t = transparent
+    for src, dst in ((t.client, PARENT_IP), (t.enclave, CLIENT_IP)):
+
+        def ping(src: str = src, dst: str = dst) -> subprocess.CompletedProcess[str] | None:
+            r = t.ns(src, "ping", "-c", "3", "-i", "0.2", "-W", "2", dst, check=False)
+            return r if r.returncode == 0 else None
+
+        r = wait_until(ping, what=f"ping {dst}")
+        assert " 0% packet loss" in r.stdout
+        assert "DUP!" not in r.stdout, "the parent's kernel answered too"
+
+
+def _tcp_out_rsts(t: Topology, ns: str) -> int:
+    lines = [ln.split() for ln in t.ns(ns, "cat", "/proc/net/snmp").stdout.splitlines() if ln.startswith("Tcp:")]
+    return int(lines[1][lines[0].index("OutRsts")])
+
+
+def test_parent_kernel_stays_silent(transparent: Topology) -> None:
+    t = transparent
+    before_parent = _tcp_out_rsts(t, t.parent)
+    before_enclave = _tcp_out_rsts(t, t.enclave)
+    r = t.ns(t.client, "curl", "-sS", "-m", "5", f"http://{PARENT_IP}:9/", check=False)
+    assert "Couldn't connect" in r.stderr or "refused" in r.stderr.lower()
+    assert _tcp_out_rsts(t, t.enclave) > before_enclave, "the enclave refused the connection"
+    assert _tcp_out_rsts(t, t.parent) == before_parent, "the parent's kernel must not RST"
+
+
+# --- hostile frames --------------------------------------------------------------------------------------
+
+
+def arp_request(src_mac: bytes, src_ip: str, dst_ip: str) -> bytes:
+    return (
+        b"\xff" * 6 + src_mac + b"\x08\x06"
+        + bytes.fromhex("0001080006040001") + src_mac + socket.inet_aton(src_ip)
+        + b"\0" * 6 + socket.inet_aton(dst_ip)
+    )  # fmt: skip
+
+
+def ip_checksum(header: bytes) -> bytes:
+    total = sum(int.from_bytes(header[i : i + 2], "big") for i in range(0, len(header), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return (~total & 0xFFFF).to_bytes(2, "big")
+
+
+def icmp_echo(src_mac: bytes, dst_mac: bytes, src_ip: str, dst_ip: str, ident: int) -> bytes:
+    icmp = b"\x08\x00\x00\x00" + ident.to_bytes(2, "big") + b"\x00\x01" + b"salmiac-ping-payload"
+    icmp = icmp[:2] + ip_checksum(icmp) + icmp[4:]
+    ip = bytes.fromhex("45000000") + b"\x12\x34\x40\x00\x40\x01\x00\x00"
+    ip = ip[:2] + (20 + len(icmp)).to_bytes(2, "big") + ip[4:] + socket.inet_aton(src_ip) + socket.inet_aton(dst_ip)
+    ip = ip[:10] + ip_checksum(ip) + ip[12:]
+    return dst_mac + src_mac + b"\x08\x00" + ip + icmp
+
+
+def read_frames_until(sock: socket.socket, match: object, timeout: float = 10) -> bytes:
+    dec = FrameDecoder()
+    sock.settimeout(0.2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not data:
+            break
+        dec.receive_data(data)
+        for f in dec.frames():
+            if match(f):  # type: ignore[operator]
+                return f
+    raise AssertionError("expected frame never arrived")
+
+
+def garbage() -> bytes:
+    """An oversize frame, an empty frame and a runt, as a hostile or buggy peer would send them."""
+    return encode_raw([b"\xee" * 9500, b"", b"\x01\x02\x03"])
+
+
+def test_relay_survives_malformed_frames_from_enclave(tmp_path: Path) -> None:
+    t = Topology(tmp_path, start_enclave=False)
+    try:
+        mac = bytes.fromhex(t.offer["mac"].replace(":", ""))
+        s = wait_until(lambda: _connect(t.sock), what="relay socket")
+        s.sendall(garbage() + FrameEncoder().encode([arp_request(mac, PARENT_IP, CLIENT_IP)]))
+        reply = read_frames_until(
+            s, lambda f: f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x02" and f[28:32] == socket.inet_aton(CLIENT_IP)
+        )
+        assert reply[:6] == mac
+        s.close()
+        stats = t.stop_relay()
+        assert stats["from_stream"]["dropped_oversize"] == 1
+        assert stats["from_stream"]["dropped_empty"] == 1
+        assert stats["from_stream"]["dropped_runt"] == 1
+        assert stats["from_stream"]["frames"] == 1
+    finally:
+        t.close()
+
+
+def _connect(path: Path) -> socket.socket | None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
+def test_enclave_survives_malformed_frames_from_parent(tmp_path: Path) -> None:
+    """The test plays a hostile parent: garbage first, then ARP and ICMP echo, and expects the echo reply."""
+    t = Topology(tmp_path, start_enclave=False)
+    try:
+        t.relay.terminate()
+        t.relay.wait(timeout=10)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fake = tmp_path / "fake-parent.sock"
+        listener.bind(str(fake))
+        listener.listen(1)
+        offer = {"mac": "02:00:00:00:00:02", "ipv4": "10.88.0.2/24", "mtu": 1500, "gateway": "10.88.0.1",
+                 "hostname": "hostile-test"}  # fmt: skip
+        (tmp_path / "fake-offer.json").write_text(json.dumps(offer))
+        stats_file = tmp_path / "enc-stats.json"
+        enc = t.spawn(t.enclave, "unshare", "--uts", PY, "-m", "salmiac.enclave.network", "--config",
+                      str(tmp_path / "fake-offer.json"), "--connect", f"unix:{fake}", "--root", str(t.root),
+                      "--ready-file", str(tmp_path / "r"), "--stats-file", str(stats_file), log="enc2.log")  # fmt: skip
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        wait_until(lambda: (tmp_path / "r").exists(), what="enclave up")
+        peer_mac, enc_mac = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
+        conn.sendall(
+            garbage()
+            + FrameEncoder().encode([arp_request(peer_mac, "10.88.0.1", "10.88.0.2")])
+            + garbage()
+            + FrameEncoder().encode([icmp_echo(peer_mac, enc_mac, "10.88.0.1", "10.88.0.2", 0x4242)])
+        )
+        reply = read_frames_until(conn, lambda f: f[12:14] == b"\x08\x00" and f[23] == 1 and f[34] == 0)
+        assert reply[:6] == peer_mac and reply[38:40] == b"\x42\x42"
+        conn.close()
+        enc.wait(timeout=10)
+        stats = json.loads(stats_file.read_text())
+        assert stats["from_stream"]["dropped_oversize"] == 2
+        assert stats["from_stream"]["dropped_empty"] == 2
+        assert stats["from_stream"]["dropped_runt"] == 2
+        assert enc.returncode == 0, t.log("enc2.log")
+    finally:
+        t.close()
+
+
+# --- published mode --------------------------------------------------------------------------------------
+
+
+def test_published_mode(tmp_path: Path) -> None:
+    t = Topology(tmp_path, mode="published", publish=["8081:8000", "5301:5300/udp"])
+    try:
+        enclave_ip = t.offer["ipv4"].split("/")[0]
+        assert t.offer["gateway"] != PARENT_IP and "local_port_range" not in t.offer
+        blob = serve_http(t, t.enclave, "0.0.0.0", 8000, "http-pub.log")
+        out = tmp_path / "got.bin"
+        wait_until(
+            lambda: curl(t, t.client, f"http://{PARENT_IP}:8081/blob.bin", out).stdout.startswith("200"),
+            what="published tcp port",
+        )
+        assert out.read_bytes() == blob.read_bytes()
+        wait_until(lambda: f"{CLIENT_IP} - - " in t.log("http-pub.log"), what="client address preserved")
+        # An unpublished port is not forwarded.
+        assert not curl(t, t.client, f"http://{PARENT_IP}:8000/", out, timeout=3).stdout.startswith("200")
+        # UDP both ways through the published port.
+        t.spawn(t.enclave, PY, "-c", UDP_ECHO, "0.0.0.0", "5300", log="udp.log")
+        got = wait_until(
+            lambda: t.ns(t.client, PY, "-c", UDP_ASK, PARENT_IP, "5301", check=False).stdout.strip(),
+            what="udp echo",
+        )
+        assert got == f"echo:hello from {CLIENT_IP}"
+        # Outbound: masqueraded TCP and ICMP.
+        serve_http(t, t.client, CLIENT_IP, 8080, "http-client.log")
+        wait_until(
+            lambda: curl(t, t.enclave, f"http://{CLIENT_IP}:8080/blob.bin", out).stdout.startswith("200"),
+            what="outbound through NAT",
+        )
+        assert f"{PARENT_IP} - - " in t.log("http-client.log"), "outbound leaves with the parent's address"
+        assert t.ns(t.enclave, "ping", "-c", "2", "-W", "2", CLIENT_IP, check=False).returncode == 0
+        assert t.ns(t.parent, "ping", "-c", "2", "-W", "2", enclave_ip, check=False).returncode == 0
+        stats = t.stop_relay()
+        assert stats["to_stream"]["frames"] > 0 and stats["from_stream"]["frames"] > 0
+        assert t.ns(t.parent, "nft", "list", "tables").stdout.strip() == "", "relay removed its table"
+        assert "salmiac-pub0" not in t.ns(t.parent, "ip", "link").stdout
+    finally:
+        t.close()
+
+
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(b"echo:" + data + b" from " + peer[0].encode(), peer)
+"""
+
+UDP_ASK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1)
+s.sendto(b"hello", (sys.argv[1], int(sys.argv[2])))
+try:
+    print(s.recv(2048).decode())
+except TimeoutError:
+    pass
+"""
+
+
+def test_mode_and_publish_errors() -> None:
+    from salmiac.errors import RequestError
+    from salmiac.parent.netrelay import NetRelay, PortMapping, parse_publish
+
+    assert parse_publish("8080:80") == PortMapping(8080, 80, "tcp")
+    assert parse_publish("53:5353/udp") == PortMapping(53, 5353, "udp")
+    for bad in ("80", "0:80", "70000:80", "80:80/sctp", "a:b"):
+        with pytest.raises(RequestError, match=re.escape(bad)):
+            parse_publish(bad)
+    with pytest.raises(RequestError, match="published mode"):
+        NetRelay("transparent", "eth0", [PortMapping(1, 2)])

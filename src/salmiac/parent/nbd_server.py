@@ -1,0 +1,399 @@
+"""asyncio NBD server for file-backed exports, driving the sans-IO ``salmiac.protocol.nbd.NbdServer``.
+
+It runs over any asyncio stream pair (Unix socket, TCP, or a vsock / virtio-serial stream handed to
+``serve_connection``). Requests are handled in order, one at a time per connection; each reply is queued
+on the transport as soon as its request is done, so a pipelining client (the kernel, nbdcopy) keeps the
+socket busy. File I/O uses os.pread/os.preadv into a per-connection buffer that is reused, os.pwrite,
+fdatasync for FLUSH and FUA, and fallocate(PUNCH_HOLE / ZERO_RANGE) for TRIM and WRITE_ZEROES where
+the filesystem supports them.
+
+The enclave is not trusted: every request is bounds-checked by the protocol core before it reaches a
+file, and payload sizes are capped at ``MAX_REQUEST`` before any byte is buffered.
+
+Manual use::
+
+    python -m salmiac.parent.nbd_server --socket /tmp/nbd.sock --export disk=/var/tmp/disk.img
+    nbdinfo 'nbd+unix:///disk?socket=/tmp/nbd.sock'
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import socket
+import stat
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from salmiac.errors import RequestError, SalmiacError
+from salmiac.protocol import nbd
+from salmiac.protocol.nbd import (
+    NEED_DATA,
+    PAUSED,
+    BadRequest,
+    ClientFlags,
+    ConnectionClosed,
+    Disconnect,
+    Errno,
+    ExportInfo,
+    Flush,
+    Greeting,
+    NbdServer,
+    Read,
+    ReadReply,
+    Reply,
+    Trim,
+    Write,
+    WriteZeroes,
+)
+
+log = logging.getLogger(__name__)
+
+STREAM_LIMIT = 4 * 1024 * 1024  # StreamReader buffer: lets one read() return a whole large WRITE
+RECV_CHUNK = 4 * 1024 * 1024
+ZERO_CHUNK = 1024 * 1024  # writing zeroes by hand when fallocate cannot
+SOCKET_BUFFER = 4 * 1024 * 1024  # so one send() takes a whole large READ reply
+# Why pread/pwrite run on the event loop but fdatasync does not: page-cache copies of up to 32 MiB take
+# microseconds to milliseconds, and handing them to a thread measured slower (bench/bench_nbd.py: the
+# thread hand-off and GIL ping-pong cost more than the copy), whereas fdatasync waits for the disk and
+# would stall every other connection (and whatever else shares the loop) for that long.
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+@dataclass(frozen=True)
+class Export:
+    """A file (or block device) served under ``name``.
+
+    ``size`` None serves the whole file. For a writable export a larger ``size`` grows the file (sparse),
+    a smaller one serves only that prefix; a read-only export must already be at least ``size`` long.
+    """
+
+    name: str
+    path: Path
+    read_only: bool = False
+    size: int | None = None
+
+
+def _file_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    raise RequestError("not a regular file or block device")
+
+
+def prepare_exports(exports: Sequence[Export]) -> dict[str, ExportInfo]:
+    """Check every export once, create/grow writable files to their size; return what to advertise."""
+    infos: dict[str, ExportInfo] = {}
+    for export in exports:
+        if export.name in infos:
+            raise RequestError(f"NBD export {export.name!r} is defined twice")
+        flags = os.O_RDONLY if export.read_only else os.O_RDWR | os.O_CREAT
+        try:
+            fd = os.open(export.path, flags | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise RequestError(f"NBD export {export.name!r}: cannot open {export.path}: {exc.strerror}") from exc
+        try:
+            size = _file_size(fd)
+            if export.size is not None:
+                if export.size < 0:
+                    raise RequestError("negative size")
+                if export.size > size:
+                    if export.read_only:
+                        raise RequestError(f"file is {size} bytes, smaller than the size {export.size}")
+                    os.ftruncate(fd, export.size)
+                size = export.size
+            infos[export.name] = ExportInfo(size=size, read_only=export.read_only, multi_conn=True)
+        except (OSError, RequestError, nbd.LocalProtocolError) as exc:
+            raise RequestError(f"NBD export {export.name!r} ({export.path}): {exc}") from exc
+        finally:
+            os.close(fd)
+    return infos
+
+
+class _Fallocate:
+    """fallocate(2) with mode flags (os.posix_fallocate has none); None when libc lacks it."""
+
+    def __init__(self) -> None:
+        self._fn: Callable[[int, int, int, int], int] | None = None
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.fallocate
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            fn.restype = ctypes.c_int
+            self._fn = fn
+
+    def __call__(self, fd: int, mode: int, offset: int, length: int) -> bool:
+        """True if done; False if the filesystem does not support ``mode``; OSError otherwise."""
+        if self._fn is None:
+            return False
+        if self._fn(fd, mode, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise OSError(err, os.strerror(err))
+
+
+_fallocate = _Fallocate()
+
+
+def _wire_errno(exc: OSError) -> int:
+    """Map a host errno to one of the values the protocol allows."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return Errno.ENOSPC
+    if exc.errno in (errno.EPERM, errno.EACCES, errno.EROFS):
+        return Errno.EPERM
+    return Errno.EIO
+
+
+class _OpenExport:
+    """The file behind the export a connection chose, and the I/O each command needs."""
+
+    def __init__(self, export: Export) -> None:
+        flags = os.O_RDONLY if export.read_only else os.O_RDWR
+        self.fd = os.open(export.path, flags | os.O_CLOEXEC)
+        self._buf = bytearray()
+        self._can_punch = True
+        self._can_zero_range = True
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def read(self, offset: int, length: int) -> memoryview:
+        """Read into the connection's reusable buffer; the view is valid until the next read."""
+        if len(self._buf) < length:
+            self._buf = bytearray(max(length, 2 * len(self._buf), 64 * 1024))
+        view = memoryview(self._buf)[:length]
+        done = 0
+        while done < length:
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n == 0:
+                # The file shrank under us (someone else truncated it): the export reads as zeroes there.
+                view[done:] = bytes(length - done)
+                break
+            done += n
+        return view
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def trim(self, offset: int, length: int) -> None:
+        # TRIM is a hint: when holes cannot be punched, doing nothing is correct.
+        if self._can_punch and length:
+            self._can_punch = _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def write_zeroes(self, offset: int, length: int, no_hole: bool) -> None:
+        if not length:
+            return
+        if not no_hole and self._can_punch:
+            self._can_punch = _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            if self._can_punch:
+                return
+        if self._can_zero_range:
+            self._can_zero_range = _fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                                              offset, length)
+            if self._can_zero_range:
+                return
+        zeroes = bytes(min(length, ZERO_CHUNK))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeroes), end - offset)
+            self.write(offset, memoryview(zeroes)[:n])
+            offset += n
+
+
+async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           exports: Mapping[str, Export], infos: Mapping[str, ExportInfo]) -> None:
+    """Serve one NBD client until it disconnects. Protocol errors end the connection (logged)."""
+    conn = NbdServer(infos)
+    loop = asyncio.get_running_loop()
+    _enlarge_socket_buffers(writer)
+    opened: _OpenExport | None = None
+    try:
+        writer.write(conn.send(Greeting()))
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                await writer.drain()
+                conn.receive_data(await reader.read(RECV_CHUNK))
+                continue
+            if event is PAUSED:  # cannot happen: every option is answered below before asking again
+                raise nbd.LocalProtocolError("NBD server paused with no answer to send")
+            match event:
+                case Read(handle=handle, offset=offset, length=length):
+                    assert opened is not None
+                    try:
+                        data = opened.read(offset, length)
+                    except OSError as exc:
+                        writer.write(conn.send(Reply(handle, _wire_errno(exc))))
+                    else:
+                        header, payload = conn.send_with_data_passthrough(ReadReply(handle, data))
+                        writer.write(header)
+                        writer.write(payload)
+                case Write() | Flush() | Trim() | WriteZeroes():
+                    assert opened is not None
+                    if isinstance(event, Flush) or event.fua:
+                        error = await loop.run_in_executor(None, _do_write, opened, event)
+                    else:
+                        error = _do_write(opened, event)
+                    writer.write(conn.send(Reply(event.handle, error)))
+                case BadRequest():
+                    writer.write(conn.send(conn.reply_for(event)))
+                case ClientFlags():
+                    pass
+                case Disconnect() | ConnectionClosed():
+                    break
+                case nbd.Event():  # a handshake option
+                    writer.writelines(conn.send_with_data_passthrough(conn.reply_for(event)))
+                    if opened is None and conn.export_name is not None:
+                        opened = _OpenExport(exports[conn.export_name])
+                        log.debug("NBD client attached to export %r", conn.export_name)
+            if conn.state is nbd.State.CLOSED:  # after OPT_ABORT
+                break
+        await writer.drain()
+    except nbd.ProtocolError as exc:
+        log.warning("NBD connection dropped: %s", exc)
+    except (ConnectionError, OSError) as exc:
+        # Clients often hang up right after an option (nbdinfo after NBD_OPT_ABORT): not worth a warning.
+        level = logging.WARNING if conn.state is nbd.State.TRANSMISSION else logging.DEBUG
+        log.log(level, "NBD connection lost: %s", exc)
+    finally:
+        if opened is not None:
+            opened.close()
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.wait_closed()
+
+
+def _enlarge_socket_buffers(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return  # not a socket (a pipe or a custom transport): keep its defaults
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+
+
+def _do_write(opened: _OpenExport, event: Write | Flush | Trim | WriteZeroes) -> int:
+    """Perform one modifying command; the NBD error to reply with (0 = done, durable if FUA)."""
+    try:
+        match event:
+            case Write(offset=offset, data=data, fua=fua):
+                opened.write(offset, data)
+            case Flush():
+                opened.sync()
+                return Errno.OK
+            case Trim(offset=offset, length=length, fua=fua):
+                opened.trim(offset, length)
+            case WriteZeroes(offset=offset, length=length, fua=fua, no_hole=no_hole):
+                opened.write_zeroes(offset, length, no_hole)
+        if fua:
+            opened.sync()  # proto.md: no reply to a FUA command before its data is on stable storage
+    except OSError as exc:
+        log.warning("NBD %s failed: %s", type(event).__name__, exc)
+        return _wire_errno(exc)
+    return Errno.OK
+
+
+_Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def _handler(exports: Sequence[Export]) -> _Handler:
+    infos = prepare_exports(exports)
+    by_name = {e.name: e for e in exports}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await serve_connection(reader, writer, by_name, infos)
+
+    return handle
+
+
+async def serve_unix(path: str | Path, exports: Sequence[Export]) -> asyncio.Server:
+    """Listen on a Unix socket at ``path`` (replacing a stale socket file). Returns the started server."""
+    handle = _handler(exports)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    return await asyncio.start_unix_server(handle, path=os.fspath(path), limit=STREAM_LIMIT)
+
+
+async def serve_tcp(host: str, port: int, exports: Sequence[Export]) -> asyncio.Server:
+    """Listen on TCP ``host:port`` (port 0 picks one; see ``server.sockets``)."""
+    handle = _handler(exports)
+    return await asyncio.start_server(handle, host=host, port=port, limit=STREAM_LIMIT)
+
+
+def _parse_export(spec: str) -> Export:
+    """NAME=PATH[,ro][,size=BYTES]"""
+    name, sep, rest = spec.partition("=")
+    if not sep or not rest:
+        raise RequestError(f"--export {spec!r}: expected NAME=PATH[,ro][,size=BYTES]")
+    path, *opts = rest.split(",")
+    read_only, size = False, None
+    for opt in opts:
+        if opt == "ro":
+            read_only = True
+        elif opt.startswith("size=") and opt[5:].isdigit():
+            size = int(opt[5:])
+        else:
+            raise RequestError(f"--export {spec!r}: unknown option {opt!r}")
+    return Export(name, Path(path), read_only, size)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m salmiac.parent.nbd_server",
+                                     description="Serve files over NBD (for manual tests).")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="Unix socket path")
+    where.add_argument("--listen", metavar="HOST:PORT", help="TCP address")
+    parser.add_argument("--export", action="append", required=True, metavar="NAME=PATH[,ro][,size=N]")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(name)s: %(message)s")
+
+    async def run() -> None:
+        exports = [_parse_export(spec) for spec in args.export]
+        if args.socket:
+            server = await serve_unix(args.socket, exports)
+        else:
+            host, _, port = args.listen.rpartition(":")
+            if not port.isdigit():
+                raise RequestError(f"--listen {args.listen!r}: expected HOST:PORT")
+            server = await serve_tcp(host or "127.0.0.1", int(port), exports)
+        names = ", ".join(repr(e.name) for e in exports)
+        log.info("serving %s on %s", names, ", ".join(str(s.getsockname()) for s in server.sockets))
+        async with server:
+            await server.serve_forever()
+
+    try:
+        asyncio.run(run())
+    except SalmiacError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -186,7 +186,9 @@ def _helper_server(registry: str) -> str:
 def credentials_from_file(
     doc: Mapping[str, Any], path: Path, registry: str, repository: str | None = None
 ) -> Credentials | None:
-    helpers = doc.get("credHelpers") or {}
+    helpers = doc.get("credHelpers", {})
+    if helpers is None:
+        helpers = {}
     if not isinstance(helpers, dict):
         raise RequestError(f"registry auth file {path}: credHelpers must be an object")
     key = _match_key(list(helpers), registry, None)
@@ -197,7 +199,9 @@ def credentials_from_file(
         found = run_credential_helper(helper, _helper_server(registry))
         if found is not None:
             return found
-    auths = doc.get("auths") or {}
+    auths = doc.get("auths", {})
+    if auths is None:
+        auths = {}
     if not isinstance(auths, dict):
         raise RequestError(f"registry auth file {path}: auths must be an object")
     key = _match_key(list(auths), registry, repository)

@@ -62,6 +62,7 @@ DEFAULT_BACKOFF = 0.5
 #: Blobs up to this size are uploaded in one PUT; bigger ones in PATCH chunks of this size.
 DEFAULT_CHUNK_SIZE = 64 << 20
 IO_BLOCK = 1 << 20
+USER_AGENT = "salmiac"
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 
@@ -205,8 +206,9 @@ class RegistryClient:
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
+        all_headers = {"User-Agent": USER_AGENT, **headers}
         try:
-            conn.request(method, target, body=body, headers=dict(headers))
+            conn.request(method, target, body=body, headers=all_headers)
             return conn, conn.getresponse()
         except ssl.SSLError as exc:  # certificate or protocol trouble does not heal by retrying
             conn.close()

@@ -19,7 +19,7 @@ from salmiac.errors import ImageError
 from salmiac.image.archive import ArchiveFiles
 from salmiac.image.auth import Credentials, resolve_credentials
 from salmiac.image.cache import BlobCache
-from salmiac.image.compression import decompressed
+from salmiac.image.compression import decompressed, sniff
 from salmiac.image.daemon import save_image
 from salmiac.image.docker_archive import read_docker_archive
 from salmiac.image.models import (
@@ -111,8 +111,17 @@ class ImageSource:
         return self._cache.open(desc.digest, desc.size, what)
 
     def open_layer(self, desc: Descriptor) -> BinaryIO:
-        """The layer's uncompressed tar stream (the blob itself is verified; the diff_id is not)."""
-        return decompressed(self.open_blob(desc), layer_compression(desc.media_type))
+        """The layer's uncompressed tar stream (the blob itself is verified; the diff_id is not).
+
+        The compression is taken from the blob's magic bytes, not its media type: skopeo 1.9 writes
+        uncompressed layers labelled ``+gzip`` when copying with ``--dest-oci-accept-uncompressed-layers``,
+        and containers/image itself sniffs. The media type must still name a tar layer.
+        """
+        layer_compression(desc.media_type)
+        blob = self.open_blob(desc)
+        compression = sniff(blob.read(4))
+        blob.seek(0)
+        return decompressed(blob, compression)
 
     def close(self) -> None:
         if self._on_close is not None:

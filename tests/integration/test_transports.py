@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from fixtures.registry import SAMPLE_LAYERS, SampleImage, run, skopeo, skopeo_inspect, umoci_image
+from fixtures.registry import SAMPLE_LAYERS, SampleImage, blob_path, run, skopeo, skopeo_inspect
 from salmiac.errors import ImageError, RequestError, RuntimeFailure
 from salmiac.image.cache import BlobCache
 from salmiac.image.destination import LayerBlob, write_image
@@ -180,10 +180,6 @@ def copy_layout(sample_image: SampleImage, dest: Path) -> Path:
     return dest
 
 
-def blob_path(layout: Path, digest: str) -> Path:
-    return layout / "blobs" / "sha256" / digest.split(":")[1]
-
-
 def test_tampered_layer_is_refused(sample_image: SampleImage, tmp_path: Path) -> None:
     layout = copy_layout(sample_image, tmp_path / "layout")
     cache = BlobCache(tmp_path / "cache")
@@ -219,34 +215,8 @@ def test_tampered_manifest_and_config(sample_image: SampleImage, tmp_path: Path)
         open_image(f"oci:{layout}:v1", cache=BlobCache(tmp_path / "c2"))
 
 
-@pytest.fixture(scope="module")
-def multi_arch(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A layout whose tag 'multi' is an index of an arm64 and an amd64 image (built with umoci)."""
-    base = tmp_path_factory.mktemp("multi")
-    layout = base / "layout"
-    umoci_image(layout, "amd", [{"arch": b"amd64\n"}], base / "work")
-    umoci_image(layout, "arm", [{"arch": b"arm64\n"}], base / "work",
-                config_args=["--architecture", "arm64"])
-    index = json.loads((layout / "index.json").read_text())
-    entries = []
-    for entry in index["manifests"]:
-        tag = entry["annotations"]["org.opencontainers.image.ref.name"]
-        arch = "amd64" if tag == "amd" else "arm64"
-        platform = {"architecture": arch, "os": "linux", **({"variant": "v8"} if arch == "arm64" else {})}
-        entries.append({"mediaType": entry["mediaType"], "digest": entry["digest"], "size": entry["size"],
-                        "platform": platform})
-    entries.sort(key=lambda e: e["platform"]["architecture"], reverse=True)  # arm64 first
-    blob = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                       "manifests": entries}).encode()
-    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    blob_path(layout, digest).write_bytes(blob)
-    index["manifests"].append({"mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest,
-                               "size": len(blob), "annotations": {"org.opencontainers.image.ref.name": "multi"}})
-    (layout / "index.json").write_text(json.dumps(index))
-    return layout
-
-
-def test_multi_arch_index_picks_amd64(multi_arch: Path, cache: BlobCache) -> None:
+def test_multi_arch_index_picks_amd64(multi_arch_layout: Path, cache: BlobCache) -> None:
+    multi_arch = multi_arch_layout
     ref = f"oci:{multi_arch}:multi"
     amd = skopeo_inspect(f"oci:{multi_arch}:amd")["Digest"]
     # oracle: copying the index without --all, skopeo picks the same (amd64) manifest

@@ -296,8 +296,9 @@ class RegistryClient:
             conn.close()
         if resp.status != 200:
             detail = _error_detail(body) or "token request refused"
-            raise self._fail(f"token from {parts.netloc}", resp.status, f"unauthorized: {detail}"
-                             if resp.status in (401, 403) else detail)
+            if resp.status in (401, 403) and not detail.startswith(("unauthorized", "denied")):
+                detail = f"unauthorized: {detail}"
+            raise self._fail(f"token from {parts.netloc}", resp.status, detail)
         try:
             doc = json.loads(body[:MAX_TOKEN_RESPONSE])
         except ValueError as exc:

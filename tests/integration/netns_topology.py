@@ -58,6 +58,7 @@ class Topology:
         publish: Sequence[str] = (),
         mtu: int = 1500,
         client_offloads: bool = False,
+        client_csum_offload: bool = False,
         start_enclave: bool = True,
     ) -> None:
         tag = secrets.token_hex(3)
@@ -87,7 +88,8 @@ class Topology:
             if not client_offloads:
                 # A real NIC hands the host <= MTU frames with complete checksums; a veth peer with
                 # TSO/checksum offload would hand the relay 64 KiB frames with partial checksums.
-                self.ns(self.client, "ethtool", "-K", "c0", "tx", "off", "tso", "off", "gso", "off")
+                tx = "on" if client_csum_offload else "off"
+                self.ns(self.client, "ethtool", "-K", "c0", "tx", tx, "tso", "off", "gso", "off")
             (workdir / "etc").mkdir(exist_ok=True)
             (workdir / "etc" / "resolv.conf").write_text(f"nameserver {CLIENT_IP}\nsearch test\n")
             (workdir / "etc" / "hosts").write_text(f"127.0.0.1 localhost\n{CLIENT_IP} client.test\n")

@@ -143,6 +143,50 @@ def test_parent_kernel_stays_silent(transparent: Topology) -> None:
     assert _tcp_out_rsts(t, t.parent) == before_parent, "the parent's kernel must not RST"
 
 
+SINK = """
+import hashlib, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+c, _ = s.accept()
+h = hashlib.sha256()
+while data := c.recv(1 << 16):
+    h.update(data)
+c.sendall(h.hexdigest().encode())
+"""
+
+SEND = """
+import socket, sys
+data = open(sys.argv[3], "rb").read()
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+c.sendall(data)
+c.shutdown(socket.SHUT_WR)
+print(c.recv(100).decode())
+"""
+
+
+def test_partial_checksums_from_offloading_sender_are_completed(tmp_path: Path) -> None:
+    """The client's veth leaves TCP checksums to 'hardware'; the relay must complete them for the TAP."""
+    import hashlib
+
+    t = Topology(tmp_path, client_csum_offload=True)
+    try:
+        payload = tmp_path / "payload.bin"
+        payload.write_bytes(secrets.token_bytes(3_000_000))
+        t.spawn(t.enclave, PY, "-c", SINK, PARENT_IP, "7000", log="sink.log")
+
+        def send() -> str:
+            return t.ns(t.client, PY, "-c", SEND, PARENT_IP, "7000", str(payload), check=False).stdout.strip()
+
+        assert wait_until(send, what="upload") == hashlib.sha256(payload.read_bytes()).hexdigest()
+        csum_errors = t.ns(t.enclave, "cat", "/proc/net/snmp").stdout
+        tcp = [ln.split() for ln in csum_errors.splitlines() if ln.startswith("Tcp:")]
+        assert int(tcp[1][tcp[0].index("InCsumErrors")]) == 0
+    finally:
+        t.close()
+
+
 # --- hostile frames --------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,164 @@
+"""Throughput of the enclave network relay against a plain veth pair, in the same run.
+
+    sudo .venv/bin/python bench/bench_net.py [--runs 5] [--seconds 5] [--json out.json]
+
+Topology (tests/integration/netns_topology.py): client netns --veth--> parent netns (relay, AF_PACKET,
+transparent mode) --Unix socket--> enclave netns (TAP). The baseline is a second veth pair from the same
+client netns straight to a "direct" netns, measured in the same run. Two baselines are reported: the
+client veth with checksum/TSO offloads off (what the relay's uplink gets from a real NIC, and how the
+relay's client veth is configured), and with the kernel's default offloads (64 KiB TSO frames never cut
+to the MTU - an upper bound no frame relay can reach).
+
+Measured: iperf3 TCP client -> enclave and enclave -> client (-R), redis-benchmark SET/GET requests/s.
+Figures are mean and spread (min..max) over ``--runs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+
+from netns_topology import CLIENT_IP, PARENT_IP, Topology, wait_until  # noqa: E402
+
+DIRECT_CLIENT_IP = "10.78.0.1"
+DIRECT_IP = "10.78.0.2"
+
+
+def iperf(topo: Topology, server_ns: str, server_ip: str, seconds: int, reverse: bool) -> float:
+    """One iperf3 run; Gbit/s as seen by the receiver."""
+    srv = topo.spawn(server_ns, "iperf3", "-s", "-1", "-B", server_ip)
+    try:
+        wait_until(
+            lambda: f"{server_ip}:5201" in topo.ns(server_ns, "ss", "-ltnH").stdout, what="iperf3 server listening"
+        )
+        cmd = ["iperf3", "-c", server_ip, "-t", str(seconds), "-J"] + (["-R"] if reverse else [])
+        r = topo.ns(topo.client, *cmd, check=False, timeout=seconds + 30)
+        result = json.loads(r.stdout)
+        if "error" in result:
+            raise RuntimeError(f"iperf3 to {server_ip}: {result['error']}")
+        return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
+    finally:
+        if srv.poll() is None:
+            srv.terminate()
+        srv.wait(timeout=30)
+
+
+def redis_rps(topo: Topology, host: str, requests: int) -> dict[str, float]:
+    r = topo.ns(topo.client, "redis-benchmark", "-h", host, "-t", "set,get", "-n", str(requests), "-q",
+                "-P", "1", "-c", "20", timeout=300)  # fmt: skip
+    out: dict[str, float] = {}
+    for line in r.stdout.replace("\r", "\n").splitlines():
+        m = re.match(r"^(SET|GET): ([\d.]+) requests per second", line.strip())
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": round(statistics.fmean(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "stdev": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def add_direct_pair(topo: Topology) -> str:
+    direct = f"salm-d-{secrets.token_hex(3)}"
+    topo.sh("ip", "netns", "add", direct)
+    topo.created.append(direct)
+    topo.ns(direct, "ip", "link", "set", "lo", "up")
+    topo.sh("ip", "link", "add", "c1", "netns", topo.client, "type", "veth", "peer", "name", "d1", "netns", direct)
+    topo.ns(topo.client, "ip", "addr", "add", f"{DIRECT_CLIENT_IP}/24", "dev", "c1")
+    topo.ns(direct, "ip", "addr", "add", f"{DIRECT_IP}/24", "dev", "d1")
+    topo.ns(topo.client, "ip", "link", "set", "c1", "up")
+    topo.ns(direct, "ip", "link", "set", "d1", "up")
+    return direct
+
+
+def set_offloads(topo: Topology, on: bool) -> None:
+    state = "on" if on else "off"
+    topo.ns(topo.client, "ethtool", "-K", "c1", "tx", state, "tso", state, "gso", state)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--redis-requests", type=int, default=50_000)
+    ap.add_argument("--mtu", type=int, default=1500)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="salmiac-bench-net-") as tmp:
+        topo = Topology(Path(tmp), mtu=args.mtu)
+        try:
+            direct = add_direct_pair(topo)
+            topo.ns(topo.client, "ip", "link", "set", "c1", "mtu", str(args.mtu))
+            topo.ns(direct, "ip", "link", "set", "d1", "mtu", str(args.mtu))
+            for ns, ip in ((topo.enclave, PARENT_IP), (direct, DIRECT_IP)):
+                topo.spawn(ns, "redis-server", "--bind", ip, "--port", "6379", "--protected-mode", "no",
+                           "--save", "", "--appendonly", "no")  # fmt: skip
+            series: dict[str, list[float]] = {}
+            for run in range(args.runs):
+                for reverse in (False, True):
+                    d = "enclave_to_client" if reverse else "client_to_enclave"
+                    set_offloads(topo, on=False)
+                    series.setdefault(f"relay_{d}_gbps", []).append(
+                        iperf(topo, topo.enclave, PARENT_IP, args.seconds, reverse)
+                    )
+                    series.setdefault(f"veth_nooffload_{d}_gbps", []).append(
+                        iperf(topo, direct, DIRECT_IP, args.seconds, reverse)
+                    )
+                    set_offloads(topo, on=True)
+                    series.setdefault(f"veth_default_{d}_gbps", []).append(
+                        iperf(topo, direct, DIRECT_IP, args.seconds, reverse)
+                    )
+                set_offloads(topo, on=False)
+                for name, host in (("relay", PARENT_IP), ("direct", DIRECT_IP)):
+                    wait_until(lambda h=host: topo.ns(topo.client, "redis-cli", "-h", h, "PING",  # type: ignore[misc]
+                                                      check=False).stdout.strip() == "PONG", what="redis")  # fmt: skip
+                    for op, rps in redis_rps(topo, host, args.redis_requests).items():
+                        series.setdefault(f"redis_{name}_{op.lower()}_rps", []).append(rps)
+                print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
+            relay_stats = topo.stop_relay()
+        finally:
+            topo.close()
+
+    result: dict[str, Any] = {k: summary(v) for k, v in sorted(series.items())}
+    ratios: dict[str, Any] = {}
+    for d in ("client_to_enclave", "enclave_to_client"):
+        for base in ("veth_nooffload", "veth_default"):
+            r = [a / b for a, b in zip(series[f"relay_{d}_gbps"], series[f"{base}_{d}_gbps"], strict=True)]
+            ratios[f"{d}_vs_{base}"] = summary(r)
+    for op in ("set", "get"):
+        r = [a / b for a, b in zip(series[f"redis_relay_{op}_rps"], series[f"redis_direct_{op}_rps"], strict=True)]
+        ratios[f"redis_{op}_relay_vs_direct"] = summary(r)
+    result["ratios"] = ratios
+    result["relay_drops"] = {
+        "from_stream": relay_stats["from_stream"],
+        "to_stream": relay_stats["to_stream"],
+        "device_rx_dropped": relay_stats.get("device_rx_dropped"),
+    }
+    result["config"] = {"runs": args.runs, "seconds": args.seconds, "mtu": args.mtu, "when": time.time()}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

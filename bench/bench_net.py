@@ -20,7 +20,6 @@ import json
 import re
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 
-from netns_topology import CLIENT_IP, PARENT_IP, Topology, wait_until  # noqa: E402
+from netns_topology import PARENT_IP, Topology, wait_until
 
 DIRECT_CLIENT_IP = "10.78.0.1"
 DIRECT_IP = "10.78.0.2"

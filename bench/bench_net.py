@@ -16,6 +16,7 @@ Figures are mean and spread (min..max) over ``--runs``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import secrets
@@ -28,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 
-from netns_topology import PARENT_IP, Topology, wait_until
+from netns_topology import PARENT_IP, Topology, wait_until  # type: ignore[import-not-found,unused-ignore]
 
 DIRECT_CLIENT_IP = "10.78.0.1"
 DIRECT_IP = "10.78.0.2"
@@ -51,6 +52,10 @@ def iperf(topo: Topology, server_ns: str, server_ip: str, seconds: int, reverse:
         if srv.poll() is None:
             srv.terminate()
         srv.wait(timeout=30)
+
+
+def redis_ping(topo: Topology, host: str) -> bool:
+    return bool(topo.ns(topo.client, "redis-cli", "-h", host, "PING", check=False).stdout.strip() == "PONG")
 
 
 def redis_rps(topo: Topology, host: str, requests: int) -> dict[str, float]:
@@ -127,8 +132,7 @@ def main() -> int:
                     )
                 set_offloads(topo, on=False)
                 for name, host in (("relay", PARENT_IP), ("direct", DIRECT_IP)):
-                    wait_until(lambda h=host: topo.ns(topo.client, "redis-cli", "-h", h, "PING",  # type: ignore[misc]
-                                                      check=False).stdout.strip() == "PONG", what="redis")  # fmt: skip
+                    wait_until(functools.partial(redis_ping, topo, host), what="redis")
                     for op, rps in redis_rps(topo, host, args.redis_requests).items():
                         series.setdefault(f"redis_{name}_{op.lower()}_rps", []).append(rps)
                 print(f"run {run + 1}/{args.runs} done", file=sys.stderr)

@@ -225,3 +225,17 @@ def test_token_auth_failures(token_registry: RunningRegistry, cache: BlobCache) 
         open_image(ref, cache=cache, credentials=Credentials(USERNAME, "nope"), tls_verify=False)
     with pytest.raises(RegistryAuthError, match=rf"registry {token_registry.host}: unauthorized"):
         open_image(ref, cache=cache, tls_verify=False)
+
+
+def test_expired_token_is_refreshed(token_registry: RunningRegistry, sample_image: SampleImage) -> None:
+    ref = f"docker://{token_registry.host}/tok/refresh:v1"
+    skopeo("copy", "--dest-tls-verify=false", "--dest-creds", token_registry.creds, sample_image.ref, ref)
+    client = RegistryClient(token_registry.host, credentials=CREDS, tls_verify=False)
+    client.get_manifest("tok/refresh", "v1")
+    scope = "repository:tok/refresh:pull"
+    client._tokens[scope] = "expired.token.value"  # what a token looks like to the registry once it expired
+    tokens = token_registry.extra["token_server"]
+    before = len(tokens.requests)
+    data, _media_type, _digest = client.get_manifest("tok/refresh", "v1")
+    assert json.loads(data)["schemaVersion"] == 2
+    assert len(tokens.requests) == before + 1

@@ -256,23 +256,27 @@ class RegistryClient:
             return {"Authorization": self.credentials.basic()}
         return {}
 
-    def _authenticate(self, resp: http.client.HTTPResponse, scope: str, what: str) -> None:
-        """React to a 401: fetch a bearer token for ``scope`` or switch to Basic."""
+    def _authenticate(
+        self, resp: http.client.HTTPResponse, scope: str, what: str, detail: str, round_no: int
+    ) -> None:
+        """React to a 401: fetch (or refresh an expired) bearer token for ``scope``, or switch to Basic."""
         challenge = parse_challenge(resp.getheader("WWW-Authenticate", "") or "")
         if challenge is None:
             raise self._fail(what, 401, "unauthorized: no usable WWW-Authenticate challenge")
         if challenge.scheme == "basic":
             if self.credentials is None or self._basic:
-                detail = "unauthorized: credentials required" if self.credentials is None else (
-                    "unauthorized: credentials refused")
-                raise self._fail(what, 401, detail)
+                reason = "credentials required" if self.credentials is None else "credentials refused"
+                raise self._fail(what, 401, f"unauthorized: {reason}")
             self._basic = True
             return
         if challenge.scheme != "bearer":
             raise self._fail(what, 401, f"unauthorized: unsupported auth scheme {challenge.scheme!r}")
-        if scope in self._tokens:
-            raise self._fail(what, 401, "unauthorized: token refused" + (
-                "" if self.credentials else " (no credentials configured)"))
+        if round_no > 0 and scope in self._tokens:
+            # A token fetched for this very request was refused: no point asking again.
+            hint = "" if self.credentials else " (no credentials configured)"
+            raise self._fail(what, 401, (detail or "unauthorized: token refused") + hint)
+        # Round 0 with a cached token means it expired: refresh it.
+        self._tokens.pop(scope, None)
         self._tokens[scope] = self._fetch_token(challenge, scope)
 
     def _fetch_token(self, challenge: Challenge, scope: str) -> str:
@@ -351,12 +355,12 @@ class RegistryClient:
         base = self._base()
         url = path_or_url if "://" in path_or_url else base + path_or_url
         what = f"{method} {urllib.parse.urlsplit(url).path}"
-        for _auth_round in range(3):
+        for round_no in range(3):
             conn, resp = self._follow(method, url, scope, headers or {}, body, follow_redirects)
             if resp.status == 401:
-                resp.read(MAX_ERROR_BODY)
+                detail = _error_detail(resp.read(MAX_ERROR_BODY))
                 conn.close()
-                self._authenticate(resp, scope, what)
+                self._authenticate(resp, scope, what, detail, round_no)
                 continue
             try:
                 if resp.status not in ok:

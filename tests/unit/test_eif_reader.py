@@ -267,6 +267,14 @@ def test_extract_boot_parts(tmp_path: Path) -> None:
         image.extract_boot_parts(out)
 
 
+def test_extract_joined_initrd(tmp_path: Path) -> None:
+    _, cmdline, ramdisks = read_eif_bytes(build(VALID)).extract_boot_parts(tmp_path, join_ramdisks=True)
+    assert [p.name for p in ramdisks] == ["initrd"]
+    assert ramdisks[0].read_bytes() == R0 + R1
+    assert (tmp_path / "kernel").read_bytes() == KERNEL
+    assert cmdline == CMDLINE.decode()
+
+
 def test_extract_detects_a_swapped_file(tmp_path: Path) -> None:
     eif = tmp_path / "x.eif"
     eif.write_bytes(build(VALID))

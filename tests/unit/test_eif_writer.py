@@ -146,6 +146,11 @@ def test_aarch64_flag(tmp_path: Path, inputs: tuple[Path, list[Path]]) -> None:
     assert struct.unpack_from(">H", data, 6) == (1,)
 
 
+def test_unknown_arch(tmp_path: Path, inputs: tuple[Path, list[Path]]) -> None:
+    with pytest.raises(RequestError, match="architecture"):
+        write(tmp_path / "x.eif", inputs, arch="riscv64")
+
+
 def test_build_epoch_from_env() -> None:
     assert build_epoch_from_env({}) == 0
     assert build_epoch_from_env({"SOURCE_DATE_EPOCH": ""}) == 0

@@ -162,14 +162,14 @@ def measure_sections(
 ) -> Pcrs:
     """PCRs for an EIF made of these parts, without building it. Files (``Path``) are streamed.
 
-    ``cmdline`` is measured exactly as the EIF stores it: its bytes, no trailing NUL.
+    ``cmdline`` is measured exactly as the EIF stores it: its (UTF-8) bytes, no trailing NUL.
     """
     hasher = PcrHasher()
     hasher.begin(SectionType.KERNEL)
     for chunk in _chunks(kernel):
         hasher.update(chunk)
     hasher.begin(SectionType.CMDLINE)
-    hasher.update(cmdline.encode("ascii") if isinstance(cmdline, str) else cmdline)
+    hasher.update(cmdline.encode("utf-8") if isinstance(cmdline, str) else cmdline)
     for ramdisk in ramdisks:
         hasher.begin(SectionType.RAMDISK)
         for chunk in _chunks(ramdisk):

@@ -271,16 +271,21 @@ class EifImage:
         except OSError as exc:
             raise RequestError(f"EIF {self.source}: {exc.strerror}") from exc
 
-    def extract_boot_parts(self, dst_dir: Path) -> tuple[Path, str, list[Path]]:
-        """Write the kernel and each ramdisk to new files in ``dst_dir`` (for booting under QEMU).
+    def extract_boot_parts(
+        self, dst_dir: Path, *, join_ramdisks: bool = False
+    ) -> tuple[Path, str, list[Path]]:
+        """Write the kernel and the ramdisks to new files in ``dst_dir`` (for booting under QEMU).
 
-        Returns ``(kernel_path, cmdline, ramdisk_paths)``; ramdisks are in file order (boot order, as the
-        Nitro loader concatenates them). The file is re-checked against the CRC computed when it was read,
-        so an EIF swapped in between is an error rather than an unmeasured boot.
+        Returns ``(kernel_path, cmdline, ramdisk_paths)``; ramdisks are in file order, the order in which
+        the Nitro loader concatenates them into one initramfs. With ``join_ramdisks`` they are written
+        already concatenated into a single ``initrd`` file (what QEMU's ``-initrd`` takes). The file is
+        re-checked against the CRC computed when it was read, so an EIF swapped in between is an error
+        rather than an unmeasured boot; nothing is left in ``dst_dir`` on error.
         """
         kernel_path = dst_dir / "kernel"
         ramdisk_paths: list[Path] = []
         written: list[Path] = []
+        joined: BinaryIO | None = None
         try:
             with self._open() as f:
                 if _read_exact(f, HEADER_SIZE, "EIF header") != self._header_bytes:
@@ -288,40 +293,49 @@ class EifImage:
                 crc = zlib.crc32(self._header_bytes[:CRC_OFFSET])
                 for i, (section, _offset) in enumerate(self.sections):
                     crc = zlib.crc32(_read_exact(f, SECTION_HEADER_SIZE, f"section {i} header"), crc)
-                    target: Path | None = None
+                    out: BinaryIO | None = None
                     if section.section_type == SectionType.KERNEL:
-                        target = kernel_path
+                        out = self._create(kernel_path, written)
+                    elif section.section_type == SectionType.RAMDISK and join_ramdisks:
+                        if joined is None:
+                            ramdisk_paths.append(dst_dir / "initrd")
+                            joined = self._create(ramdisk_paths[0], written)
+                        out = joined
                     elif section.section_type == SectionType.RAMDISK:
-                        target = dst_dir / f"ramdisk{len(ramdisk_paths)}"
-                        ramdisk_paths.append(target)
-                    out = self._create(target) if target is not None else None
-                    if target is not None:
-                        written.append(target)
+                        ramdisk_paths.append(dst_dir / f"ramdisk{len(ramdisk_paths)}")
+                        out = self._create(ramdisk_paths[-1], written)
                     try:
                         for chunk in _chunks(f, section.size, f"section {i}"):
                             crc = zlib.crc32(chunk, crc)
                             if out is not None:
                                 out.write(chunk)
                     finally:
-                        if out is not None:
+                        if out is not None and out is not joined:
                             out.close()
                 if crc != self.crc32 or f.read(1):
                     raise EifError(f"EIF {self.name}: changed since it was read")
         except BaseException:
+            if joined is not None:
+                joined.close()
             for path in written:
                 path.unlink(missing_ok=True)
             raise
+        if joined is not None:
+            joined.close()
         return kernel_path, self.cmdline, ramdisk_paths
 
     @staticmethod
-    def _create(path: Path) -> BinaryIO:
+    def _create(path: Path, written: list[Path]) -> BinaryIO:
         try:
-            return path.open("xb")
+            f = path.open("xb")
         except OSError as exc:
             raise RuntimeFailure(f"extracting EIF: {path}: {exc.strerror}") from exc
+        written.append(path)
+        return f
 
     def describe(self) -> dict[str, Any]:
-        """JSON shaped like ``nitro-cli describe-eif``, plus our own ``Sections`` list.
+        """JSON shaped like ``nitro-cli describe-eif`` (same keys, same order), plus our own
+        ``Architecture`` (from header flag bit 0) and ``Sections`` (type, offset, size in file order).
 
         Not produced (yet): ``SigningCertificate`` details and ``SignatureCheck`` (COSE verification).
         """

@@ -215,6 +215,8 @@ def write_eif(
 
     Returns its path, size, SHA-256 and PCRs. ``dst`` is replaced atomically; on any error it is untouched.
     """
+    if arch not in ("x86_64", "aarch64"):
+        raise RequestError(f"EIF architecture {arch!r}: expected x86_64 or aarch64")
     cmdline_bytes = _check_cmdline(cmdline)
     if not 1 <= len(ramdisks) <= MAX_RAMDISKS:
         raise RequestError(f"an EIF needs 1..{MAX_RAMDISKS} ramdisks, got {len(ramdisks)}")

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from salmiac.protocol.frames import CLOSED, MAX_FRAME, FrameDecoder, FrameEncoder, FrameStats
+from salmiac.protocol.frames import MAX_FRAME, FrameDecoder, FrameEncoder, FrameStats
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -55,8 +55,8 @@ class FramePort(Protocol):
         """Every frame ready now, up to ``budget`` bytes; ``[]`` if none. Never blocks."""
         ...
 
-    def write_frame(self, frame: bytes) -> bool:
-        """Deliver one frame; False if the device refused this frame (counted by the caller)."""
+    def write_frames(self, frames: list[bytes]) -> int:
+        """Deliver frames in order; returns how many the device refused (wrong size, queue full)."""
         ...
 
     def close(self) -> None: ...
@@ -101,19 +101,32 @@ class TapPort:
             budget -= len(frame)
         return out
 
-    def write_frame(self, frame: bytes) -> bool:
-        try:
-            os.write(self.fd, frame)
-        except BlockingIOError:
-            return False  # TAP queue full: drop like a NIC would
-        except OSError as exc:
-            if exc.errno in _DROP_ERRNOS:
-                return False
-            raise
-        return True
+    def write_frames(self, frames: list[bytes]) -> int:
+        return _write_each(os.write, self.fd, frames)
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _write_each(write: Callable[[int, bytes], int], fd: int, frames: list[bytes]) -> int:
+    """One write per frame (TAP and packet sockets take exactly one frame per write), tight loop; a
+    refused frame (EINVAL/EMSGSIZE: bad size; EAGAIN/ENOBUFS: queue full, dropped as a NIC would) is
+    counted and the rest still go out."""
+    refused, start, n = 0, 0, len(frames)
+    while start < n:
+        at = start
+        try:
+            for at in range(start, n):
+                write(fd, frames[at])
+            return refused
+        except BlockingIOError:
+            refused += 1
+        except OSError as exc:
+            if exc.errno not in _DROP_ERRNOS:
+                raise
+            refused += 1
+        start = at + 1
+    return refused
 
 
 def ones_complement_checksum(data: bytes | bytearray | memoryview) -> int:
@@ -279,16 +292,8 @@ class PacketPort:
         ring.next = i
         return out
 
-    def write_frame(self, frame: bytes) -> bool:
-        try:
-            self.sock.send(frame)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno in _DROP_ERRNOS:
-                return False
-            raise
-        return True
+    def write_frames(self, frames: list[bytes]) -> int:
+        return _write_each(os.write, self.sock.fileno(), frames)
 
     def close(self) -> None:
         if self._ring is not None:
@@ -446,17 +451,15 @@ class FramePump:
     def _stream_to_device(self) -> None:
         buf = bytearray(self.recv_bytes)
         view = memoryview(buf)
-        recv_into, write = self.stream.recv_into, self.port.write_frame
+        recv_into, write = self.stream.recv_into, self.port.write_frames
         decoder = self.decoder
         while not self._stopping:
             n = recv_into(view)
             decoder.receive_data(view[:n] if n else b"")
-            while True:
-                frame = decoder.next_frame()
-                if isinstance(frame, bytes):
-                    if not write(frame):
-                        self.stats.device_tx_refused += 1
-                elif frame is CLOSED:
-                    return
-                else:
-                    break
+            frames = decoder.frames()
+            if frames:
+                refused = write(frames)
+                if refused:
+                    self.stats.device_tx_refused += refused
+            if not n:
+                return

@@ -90,11 +90,14 @@ class FakePort:
             budget -= len(f)
         return out
 
-    def write_frame(self, frame: bytes) -> bool:
-        if len(frame) > 1000:
-            return False  # like a TAP refusing a frame bigger than its MTU
-        self.ours.send(frame)
-        return True
+    def write_frames(self, frames: list[bytes]) -> int:
+        refused = 0
+        for frame in frames:
+            if len(frame) > 1000:
+                refused += 1  # like a TAP refusing a frame bigger than its MTU
+            else:
+                self.ours.send(frame)
+        return refused
 
     def close(self) -> None:
         self.ours.close()

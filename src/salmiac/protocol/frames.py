@@ -160,8 +160,27 @@ class FrameDecoder:
             return frame
 
     def frames(self) -> list[bytes]:
-        """All complete frames now available (convenience for drivers)."""
+        """All complete frames now available. Same result as calling ``next_frame`` until it stops; the
+        common case (well-formed frames, nothing to skip) runs in one tight loop for the drivers."""
         out: list[bytes] = []
+        if not self._skip:
+            buf, pos, end_of_data = self._buf, self._pos, len(self._buf)
+            unpack, max_frame, total = _LENGTH.unpack_from, self.max_frame, 0
+            with memoryview(buf) as view:
+                while end_of_data - pos >= LENGTH_SIZE:
+                    (length,) = unpack(buf, pos)
+                    end = pos + LENGTH_SIZE + length
+                    if length < MIN_FRAME or length > max_frame or end > end_of_data:
+                        break  # a bad length or an incomplete frame: next_frame handles both
+                    out.append(bytes(view[pos + LENGTH_SIZE : end]))
+                    total += length
+                    pos = end
+            self.stats.frames += len(out)
+            self.stats.bytes += total
+            self._pos = pos
+            if pos >= _COMPACT_AT:
+                del buf[:pos]
+                self._pos = 0
         while isinstance(frame := self.next_frame(), bytes):
             out.append(frame)
         return out

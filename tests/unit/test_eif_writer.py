@@ -170,6 +170,13 @@ def test_kernel_config_line_three(tmp_path: Path) -> None:
     meta = METADATA.with_kernel_config(config)
     assert (meta.operating_system, meta.kernel_version) == ("Linux", "4.14.177")
     assert b'"OperatingSystem":"Linux","KernelVersion":"4.14.177"}' in meta.to_json_bytes()
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(KERNEL)
+    ramdisk = tmp_path / "initrd"
+    ramdisk.write_bytes(b"r")
+    dst = tmp_path / "x.eif"
+    write_eif(dst, kernel=kernel, cmdline="c", ramdisks=[ramdisk], metadata=METADATA, kernel_config=config)
+    assert b'"OperatingSystem":"Linux","KernelVersion":"4.14.177"}' in dst.read_bytes()
     config.write_text("#\n#\nweird\n")
     assert kernel_config_info(config) == ("Unknown", "Unknown")
     config.write_text("#\n")

@@ -209,12 +209,17 @@ def write_eif(
     cmdline: str,
     ramdisks: Sequence[Path],
     metadata: EifMetadata,
+    kernel_config: Path | None = None,
     arch: Literal["x86_64", "aarch64"] = "x86_64",
 ) -> EifInfo:
     """Build an unsigned EIF at ``dst`` from a kernel image, a command line and 1..29 ramdisks.
 
-    Returns its path, size, SHA-256 and PCRs. ``dst`` is replaced atomically; on any error it is untouched.
+    With ``kernel_config`` (the kernel's ``.config``), the metadata's OperatingSystem and KernelVersion
+    come from its third line, as nitro-cli does. Returns the EIF's path, size, SHA-256 and PCRs.
+    ``dst`` is replaced atomically; on any error it is untouched.
     """
+    if kernel_config is not None:
+        metadata = metadata.with_kernel_config(kernel_config)
     if arch not in ("x86_64", "aarch64"):
         raise RequestError(f"EIF architecture {arch!r}: expected x86_64 or aarch64")
     cmdline_bytes = _check_cmdline(cmdline)

@@ -248,7 +248,11 @@ def test_relay_survives_malformed_frames_from_enclave(tmp_path: Path) -> None:
         )
         assert reply[:6] == mac
         s.close()
+        assert t.ns(t.parent, "cat", "/proc/sys/net/ipv4/ip_local_port_range").stdout.split() == ["32768", "49151"]
         stats = t.stop_relay()
+        # Everything the relay changed in the parent is undone.
+        assert t.ns(t.parent, "nft", "list", "tables").stdout.strip() == ""
+        assert t.ns(t.parent, "cat", "/proc/sys/net/ipv4/ip_local_port_range").stdout.split() == ["32768", "60999"]
         assert stats["from_stream"]["dropped_oversize"] == 1
         assert stats["from_stream"]["dropped_empty"] == 1
         assert stats["from_stream"]["dropped_runt"] == 1
@@ -368,6 +372,12 @@ try:
 except TimeoutError:
     pass
 """
+
+
+def test_default_uplink(transparent: Topology) -> None:
+    t = transparent
+    code = "from salmiac.parent.netrelay import default_uplink; print(default_uplink())"
+    assert t.ns(t.parent, PY, "-c", code).stdout.strip() == "p0"
 
 
 def test_mode_and_publish_errors() -> None:

@@ -170,6 +170,18 @@ def read_uplink(ifname: str) -> Uplink:
         )
 
 
+def default_uplink() -> str:
+    """The interface of the parent's IPv4 default route (what ``--uplink`` defaults to)."""
+    from pyroute2.iproute.linux import IPRoute
+
+    with IPRoute() as ipr:
+        for r in ipr.get_routes(family=socket.AF_INET, table=254):
+            if r["dst_len"] == 0 and r.get_attr("RTA_OIF") is not None:
+                links = ipr.get_links(r.get_attr("RTA_OIF"))
+                return str(next(iter(links)).get_attr("IFLA_IFNAME"))
+    raise RelayError("network relay: the parent has no IPv4 default route; give the uplink explicitly")
+
+
 @dataclass(frozen=True, slots=True)
 class NameSettings:
     dns_servers: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
@@ -483,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     the control channel; here it is written to ``--offer-out`` as JSON instead."""
     p = argparse.ArgumentParser(prog="salmiac.parent.netrelay")
     p.add_argument("--mode", choices=["transparent", "published"], default="transparent")
-    p.add_argument("--uplink", required=True)
+    p.add_argument("--uplink", help="interface to relay (default: that of the default route)")
     p.add_argument("-p", "--publish", action="append", default=[], metavar="HOST:ENCLAVE[/proto]")
     p.add_argument("--listen", required=True, help="unix:PATH | tcp:HOST:PORT | vsock:CID:PORT")
     p.add_argument("--offer-out", type=Path, required=True)
@@ -500,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             names = NameSettings(
                 tuple(ipaddress.ip_address(a) for a in args.dns), names.search_domains, names.hostname, names.hosts
             )
-        relay = NetRelay(args.mode, args.uplink, [parse_publish(s) for s in args.publish], names)
+        uplink = args.uplink or default_uplink()
+        relay = NetRelay(args.mode, uplink, [parse_publish(s) for s in args.publish], names)
         listener = listen_stream(args.listen)
         offer = relay.setup()
         tmp = args.offer_out.with_suffix(".tmp")

@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import shutil
 import socketserver
 import tarfile
@@ -417,3 +418,20 @@ def test_descriptor_size_cap(sample_image: SampleImage, tmp_path: Path) -> None:
         with pytest.raises(ImageError, match=rf"layer {layer.digest}: size {1 << 50} exceeds the 4096-byte limit"):
             src.open_blob(forged)
         assert not src._cache.has(layer.digest)
+
+
+def test_hostile_layout_files(sample_image: SampleImage, tmp_path: Path) -> None:
+    """Blobs that are FIFOs or symlinks out of the layout are refused without hanging or leaking."""
+    layout = copy_layout(sample_image, tmp_path / "layout")
+    with open_image(f"oci:{layout}:v1", cache=BlobCache(tmp_path / "cache")) as src:
+        fifo_layer, link_layer = src.layers
+        fifo = blob_path(layout, fifo_layer.digest)
+        fifo.unlink()
+        os.mkfifo(fifo)
+        with pytest.raises(ImageError, match=r"blobs/sha256/[0-9a-f]{64} is not a regular file"):
+            src.open_blob(fifo_layer)
+        link = blob_path(layout, link_layer.digest)
+        link.unlink()
+        link.symlink_to("/etc/passwd")
+        with pytest.raises(ImageError, match=rf"layer {link_layer.digest}: (size|digest) mismatch"):
+            src.open_blob(link_layer)

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from salmiac.errors import ImageError, RequestError
@@ -24,6 +24,9 @@ from salmiac.image.models import (
     parse_manifest,
     parse_manifest_or_index,
 )
+
+# Shared CPUs: no per-example deadline; generation of nested JSON may be slow.
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
@@ -147,6 +150,7 @@ def test_index_is_not_a_manifest() -> None:
         parse_index(enc({"schemaVersion": 2, "manifests": [entry] * 1001}))
 
 
+@FUZZ
 @given(st.binary(max_size=2000))
 def test_fuzz_manifest_bytes(data: bytes) -> None:
     with contextlib.suppress(ImageError):
@@ -160,6 +164,7 @@ JSONISH = st.recursive(
 )
 
 
+@FUZZ
 @given(st.dictionaries(st.sampled_from(["schemaVersion", "mediaType", "config", "layers", "manifests",
                                         "annotations"]), JSONISH))
 def test_fuzz_manifest_structure(doc: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from salmiac.errors import RequestError
@@ -16,6 +16,9 @@ from salmiac.image.reference import (
     parse_docker_name,
     parse_reference,
 )
+
+# Shared CPUs: no per-example deadline; generation of nested JSON may be slow.
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 D = "sha256:" + "ab" * 32
 
@@ -122,6 +125,7 @@ def test_familiar_and_endpoint() -> None:
     assert parse_docker_name("x@" + D).reference == D
 
 
+@FUZZ
 @given(st.text(max_size=300))
 def test_parser_never_crashes(text: str) -> None:
     try:
@@ -133,6 +137,7 @@ def test_parser_never_crashes(text: str) -> None:
         assert parse_reference(str(ref)) == ref
 
 
+@FUZZ
 @given(
     st.from_regex(r"[a-z0-9]{1,8}(/[a-z0-9]{1,8}){0,2}", fullmatch=True),
     st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True),

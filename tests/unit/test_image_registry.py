@@ -7,13 +7,16 @@ import hashlib
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from salmiac.errors import ImageError
 from salmiac.image.docker_archive import _parse_entries, _select, chain_id
 from salmiac.image.reference import parse_docker_name
 from salmiac.image.registry import _error_detail, parse_challenge
+
+# Shared CPUs: no per-example deadline; generation of nested JSON may be slow.
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def test_bearer_challenge() -> None:
@@ -38,6 +41,7 @@ def test_challenge_quoting_and_basic() -> None:
     assert parse_challenge("") is None
 
 
+@FUZZ
 @given(st.text(max_size=500))
 def test_challenge_parser_total(text: str) -> None:
     parse_challenge(text)
@@ -94,6 +98,7 @@ def test_docker_archive_manifest_hostile(doc: object, message: str) -> None:
         _parse_entries(entries(doc), "x")
 
 
+@FUZZ
 @given(st.binary(max_size=500))
 def test_docker_archive_manifest_fuzz(data: bytes) -> None:
     with contextlib.suppress(ImageError):

@@ -239,9 +239,10 @@ class RegistryClient:
                 last = self._fail(f"GET /v2/ on {scheme}", resp.status, "unexpected reply to ping")
             finally:
                 conn.close()
-        assert last is not None
-        raise RegistryError(f"{last}; is {self.host} a registry" + (
-            "" if not self.tls_verify else " (for a plain-HTTP registry use tls_verify=False)") + "?") from last
+        assert last is not None  # the loop ran at least once and did not return
+        if self.tls_verify and "TLS error" in str(last):
+            raise RegistryError(f"{last}; for a plain-HTTP registry use tls_verify=False") from last
+        raise last
 
     def _note_challenge(self, header: str) -> None:
         challenge = parse_challenge(header)
@@ -428,7 +429,7 @@ class RegistryClient:
             header_digest = resp.getheader("Docker-Content-Digest")
         if len(data) > MAX_MANIFEST_SIZE:
             raise ImageError(f"manifest {repository}:{reference}: exceeds the {MAX_MANIFEST_SIZE}-byte limit")
-        if reference.startswith("sha"):
+        if ":" in reference:  # tags cannot contain ":", digests always do
             validate_digest(reference)
             verify_bytes(data, reference, "manifest")
             digest = reference

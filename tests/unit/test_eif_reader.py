@@ -16,17 +16,21 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from salmiac.eif import (
     EifError,
+    EifImage,
     EifMetadata,
+    PcrSignature,
     SectionType,
     parse_signature_section,
     read_eif,
     read_eif_bytes,
+    verify_pcr0_signature,
     write_eif,
 )
 from salmiac.errors import RequestError, RuntimeFailure
@@ -504,3 +508,108 @@ def rebuilt(draw: st.DrawFn) -> bytes:
 @given(rebuilt())
 def test_mutated_sections_of_consistent_files(data: bytes) -> None:
     _only_eif_errors(data)
+
+
+# --- signature verification (describe-eif's SignatureCheck and SigningCertificate) ---------------------
+
+
+def _signer() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "salmiac signer"),
+        ]
+    )
+    start = datetime.datetime(2024, 3, 5, 6, 7, 8, tzinfo=datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(9)
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=30))
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def _cose_sign1(key: ec.EllipticCurvePrivateKey, pcr0: bytes, *, alg: int = -35, tagged: bool = False) -> bytes:
+    """COSE_Sign1 built independently with cbor2, the way nitro-cli's signer lays it out (spec 2.4)."""
+    protected = cbor2.dumps({1: alg})
+    payload = cbor2.dumps({"register_index": 0, "register_value": list(pcr0)})
+    to_sign = cbor2.dumps(["Signature1", protected, b"", payload])
+    r, s = decode_dss_signature(key.sign(to_sign, ec.ECDSA(hashes.SHA384())))
+    message = [protected, {}, payload, r.to_bytes(48, "big") + s.to_bytes(48, "big")]
+    encoded: bytes = cbor2.dumps(cbor2.CBORTag(18, message) if tagged else message)
+    return encoded
+
+
+def _signed_image(cose: bytes, cert: x509.Certificate) -> EifImage:
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    return read_eif_bytes(build([*VALID, (S, signature_section(pem, cose))]))
+
+
+PCR0 = by_hand(KERNEL + CMDLINE + R0 + R1)
+
+
+@pytest.mark.parametrize("tagged", [False, True])
+def test_signature_check_passes(tagged: bool) -> None:
+    key, cert = _signer()
+    image = _signed_image(_cose_sign1(key, PCR0, tagged=tagged), cert)
+    assert image.measure().pcr0 == PCR0
+    described = image.describe()
+    assert list(described)[:6] == [
+        "EifVersion",
+        "Measurements",
+        "IsSigned",
+        "SigningCertificate",
+        "CheckCRC",
+        "SignatureCheck",
+    ]
+    assert described["SignatureCheck"] is True
+    assert described["SigningCertificate"] == {
+        "IssuerName": {"commonName": "salmiac signer", "countryName": "US"},
+        "Algorithm": "ecdsa-with-SHA384",
+        "NotBefore": "Mar  5 06:07:08 2024 GMT",
+        "NotAfter": "Apr  4 06:07:08 2024 GMT",
+        "Signature": ":".join(f"{b:02X}" for b in cert.signature),
+    }
+
+
+def test_signature_check_fails() -> None:
+    key, cert = _signer()
+    other_key, _ = _signer()
+    good = _cose_sign1(key, PCR0)
+    assert _signed_image(_cose_sign1(key, b"\x01" * 48), cert).signature_check() is False  # other PCR0
+    assert _signed_image(_cose_sign1(other_key, PCR0), cert).signature_check() is False  # other key
+    assert _signed_image(_cose_sign1(key, PCR0, alg=-7), cert).signature_check() is False  # alg vs curve
+    assert _signed_image(good[:-1] + bytes([good[-1] ^ 1]), cert).signature_check() is False  # tampered
+    assert _signed_image(b"\x80", cert).signature_check() is False  # not a COSE_Sign1
+    assert _signed_image(good, cert).signature_check() is True
+    assert read_eif_bytes(VALID_BYTES).signature_check() is None
+
+
+_GOOD_COSE = _cose_sign1(_signer()[0], PCR0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=256),
+        st.builds(
+            lambda d, i, b: d[:i] + bytes([b]) + d[i + 1 :],
+            st.just(_GOOD_COSE),
+            st.integers(0, len(_GOOD_COSE) - 1),
+            st.integers(0, 255),
+        ),
+    )
+)
+def test_cose_decoder_only_raises_eif_error(cose: bytes) -> None:
+    pem = _signer()[1].public_bytes(serialization.Encoding.PEM)
+    try:
+        result = verify_pcr0_signature(PcrSignature(signing_certificate=pem, signature=cose), PCR0)
+    except EifError:
+        return
+    assert result in (True, False)

@@ -27,7 +27,13 @@ from salmiac.eif.measure import (
     pcr8_from_certificate,
 )
 from salmiac.eif.reader import EifImage, read_eif, read_eif_bytes
-from salmiac.eif.signature import PcrSignature, parse_signature_section
+from salmiac.eif.signature import (
+    PcrSignature,
+    certificate_info,
+    encode_pcr_info,
+    parse_signature_section,
+    verify_pcr0_signature,
+)
 from salmiac.eif.writer import (
     EifInfo,
     EifMetadata,
@@ -55,6 +61,8 @@ __all__ = [
     "SectionHeader",
     "SectionType",
     "build_epoch_from_env",
+    "certificate_info",
+    "encode_pcr_info",
     "extend_zero",
     "kernel_config_info",
     "measure_blob",
@@ -63,5 +71,6 @@ __all__ = [
     "pcr8_from_certificate",
     "read_eif",
     "read_eif_bytes",
+    "verify_pcr0_signature",
     "write_eif",
 ]

@@ -43,7 +43,12 @@ from salmiac.eif.format import (
     SectionType,
 )
 from salmiac.eif.measure import PcrHasher, Pcrs
-from salmiac.eif.signature import parse_signature_section
+from salmiac.eif.signature import (
+    PcrSignature,
+    certificate_info,
+    parse_signature_section,
+    verify_pcr0_signature,
+)
 from salmiac.errors import RequestError, RuntimeFailure
 
 _READ_CHUNK = 1 << 20
@@ -64,7 +69,7 @@ class _Scan:
     crc: int
     pcrs: Pcrs
     small: dict[SectionType, bytes]
-    signing_certificate: bytes | None
+    signature: PcrSignature | None
 
 
 def _check_header(header: EifHeader, file_size: int) -> None:
@@ -173,15 +178,16 @@ def _scan(f: BinaryIO, file_size: int, *, verify_crc: bool) -> _Scan:
     if verify_crc and crc != header.eif_crc32:
         raise EifError(f"EIF CRC mismatch: header says {header.eif_crc32:#010x}, contents give {crc:#010x}")
 
-    certificate = None
-    signature = small.get(SectionType.SIGNATURE)
-    if signature is not None:
-        certificate = parse_signature_section(signature)[0].signing_certificate
+    signature = None
+    signature_bytes = small.get(SectionType.SIGNATURE)
+    if signature_bytes is not None:
+        # Like nitro-cli and QEMU, only the first entry (PCR0's signature) counts.
+        signature = parse_signature_section(signature_bytes)[0]
         try:
-            hasher.set_signing_certificate(certificate)
+            hasher.set_signing_certificate(signature.signing_certificate)
         except ValueError as exc:
             raise EifError(f"signature section: signing certificate is not a PEM X.509 certificate: {exc}") from exc
-    return _Scan(header_bytes, header, tuple(sections), crc, hasher.finish(), small, certificate)
+    return _Scan(header_bytes, header, tuple(sections), crc, hasher.finish(), small, signature)
 
 
 def _chunks(f: BinaryIO, size: int, what: str) -> Iterator[bytes]:
@@ -236,7 +242,7 @@ class EifImage:
     sections: tuple[tuple[SectionHeader, int], ...]
     cmdline: str
     metadata: dict[str, Any] | None
-    signing_certificate: bytes | None  # PEM, from the signature section
+    signature: PcrSignature | None  # first entry of the signature section
     crc32: int  # computed over the file; equals header.eif_crc32 unless read with verify_crc=False
     pcrs: Pcrs
     source: Path | bytes
@@ -252,7 +258,22 @@ class EifImage:
 
     @property
     def is_signed(self) -> bool:
-        return self.signing_certificate is not None
+        return self.signature is not None
+
+    @property
+    def signing_certificate(self) -> bytes | None:
+        """The signing certificate (PEM) whose DER digest is PCR8, if signed."""
+        return None if self.signature is None else self.signature.signing_certificate
+
+    def signature_check(self) -> bool | None:
+        """nitro-cli's ``SignatureCheck``: None if unsigned; True if the COSE signature verifies with the
+        certificate's key and signs this image's PCR0. The hypervisor does not check it; PCR8 is what counts."""
+        if self.signature is None:
+            return None
+        try:
+            return verify_pcr0_signature(self.signature, self.pcrs.pcr0)
+        except EifError:
+            return False
 
     @property
     def size(self) -> int:
@@ -337,14 +358,19 @@ class EifImage:
         """JSON shaped like ``nitro-cli describe-eif`` (same keys, same order), plus our own
         ``Architecture`` (from header flag bit 0) and ``Sections`` (type, offset, size in file order).
 
-        Not produced (yet): ``SigningCertificate`` details and ``SignatureCheck`` (COSE verification).
+        Differs from nitro-cli on purpose: a COSE signature that does not verify gives
+        ``"SignatureCheck": false`` where nitro-cli fails the whole command.
         """
         out: dict[str, Any] = {
             "EifVersion": self.header.version,
             "Measurements": self.pcrs.to_json(),
             "IsSigned": self.is_signed,
-            "CheckCRC": self.crc_ok,
         }
+        if self.signature is not None:
+            out["SigningCertificate"] = certificate_info(self.signature.signing_certificate)
+        out["CheckCRC"] = self.crc_ok
+        if self.signature is not None:
+            out["SignatureCheck"] = self.signature_check()
         if self.metadata is not None:
             build = self.metadata["BuildMetadata"]
             out["ImageName"] = self.metadata["ImageName"]
@@ -373,7 +399,7 @@ def _image_from_scan(scan: _Scan, source: Path | bytes) -> EifImage:
         sections=scan.sections,
         cmdline=_parse_cmdline(scan.small[SectionType.CMDLINE]),
         metadata=None if metadata_bytes is None else _parse_metadata(metadata_bytes),
-        signing_certificate=scan.signing_certificate,
+        signature=scan.signature,
         crc32=scan.crc,
         pcrs=scan.pcrs,
         source=source,

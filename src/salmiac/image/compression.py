@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 from typing import BinaryIO, cast
 
 import zstandard
@@ -11,6 +12,7 @@ from salmiac.image.models import Compression
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+READ_BUFFER = 1 << 20
 
 
 def sniff(head: bytes) -> Compression:
@@ -22,11 +24,43 @@ def sniff(head: bytes) -> Compression:
     return Compression.NONE
 
 
-def decompressed(src: BinaryIO, compression: Compression) -> BinaryIO:
-    """A read-only stream of the uncompressed bytes; callers bound how much they read."""
+class _Owning(io.RawIOBase):
+    """Reads from a decompressor; closing it closes the decompressor and the source it reads from."""
+
+    def __init__(self, stream: BinaryIO, source: BinaryIO) -> None:
+        self._stream = stream
+        self._source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self._stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._stream.close()
+            finally:
+                self._source.close()
+        super().close()
+
+
+def decompressed(src: BinaryIO, compression: Compression, *, owns_source: bool = False) -> BinaryIO:
+    """A read-only stream of the uncompressed bytes; callers bound how much they read.
+
+    With ``owns_source`` closing the result also closes ``src`` (so ``with decompressed(open(...))`` leaks
+    nothing). Otherwise ``src`` stays open and the caller closes it.
+    """
+    if compression is Compression.NONE:
+        return src
     if compression is Compression.GZIP:
-        return cast(BinaryIO, gzip.GzipFile(fileobj=src, mode="rb"))
-    if compression is Compression.ZSTD:
+        stream = cast(BinaryIO, gzip.GzipFile(fileobj=src, mode="rb"))
+    else:
         reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True, closefd=False)
-        return cast(BinaryIO, reader)
-    return src
+        stream = cast(BinaryIO, reader)
+    if not owns_source:
+        return stream
+    return cast(BinaryIO, io.BufferedReader(_Owning(stream, src), buffer_size=READ_BUFFER))

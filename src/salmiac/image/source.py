@@ -121,7 +121,7 @@ class ImageSource:
         blob = self.open_blob(desc)
         compression = sniff(blob.read(4))
         blob.seek(0)
-        return decompressed(blob, compression)
+        return decompressed(blob, compression, owns_source=True)
 
     def close(self) -> None:
         if self._on_close is not None:

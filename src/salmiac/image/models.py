@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -469,7 +470,7 @@ def manifest_bytes(
 class LayerBlob:
     """A layer file ready to be written to a destination (the converter's output)."""
 
-    path: str
+    path: str | os.PathLike[str]
     media_type: str
     digest: str
     size: int

@@ -215,7 +215,9 @@ def _existing_ok(path: Path, digest: str, size: int) -> bool:
     return f"{digest.split(':', 1)[0]}:{hasher.hexdigest()}" == digest
 
 
-def _write_blob_file(root: Path, digest: str, size: int, src_path: str | None, data: bytes | None) -> None:
+def _write_blob_file(
+    root: Path, digest: str, size: int, src_path: str | os.PathLike[str] | None, data: bytes | None
+) -> None:
     final = root / blob_name(digest)
     if _existing_ok(final, digest, size):
         return
@@ -311,7 +313,7 @@ class DeterministicTar:
     def add_stream(self, name: str, src: BinaryIO, size: int) -> None:
         self._tar.addfile(_tar_info(name, size), src)
 
-    def add_file(self, name: str, path: str, size: int, digest: str | None = None) -> None:
+    def add_file(self, name: str, path: str | os.PathLike[str], size: int, digest: str | None = None) -> None:
         with open(path, "rb") as src:
             if os.fstat(src.fileno()).st_size != size:
                 raise ImageError(f"layer {path}: size changed (expected {size})")
@@ -379,7 +381,7 @@ def write_layout_archive(
         "mediaType": OCI_INDEX,
         "manifests": [manifest_descriptor(manifest, manifest_digest, tag).to_json()],
     })
-    blobs: dict[str, tuple[str | None, bytes | None, int]] = {}
+    blobs: dict[str, tuple[str | os.PathLike[str] | None, bytes | None, int]] = {}
     for layer in layers:
         blobs[layer.digest] = (layer.path, None, layer.size)
     blobs[config_digest] = (None, config, len(config))

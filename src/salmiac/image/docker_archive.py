@@ -20,7 +20,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from salmiac.errors import ImageError, RequestError
 from salmiac.image.archive import ArchiveFiles
@@ -199,7 +199,7 @@ def _uncompressed_copy(layer: LayerBlob, temp_dir: str | None) -> BinaryIO:
 
     try:
         with open(layer.path, "rb") as src:
-            stream = decompressed(_Tee(src), compression)  # type: ignore[arg-type]
+            stream = decompressed(cast(BinaryIO, _Tee(src)), compression)
             while chunk := stream.read(1 << 20):
                 diff_hasher.update(chunk)
                 out.write(chunk)

@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from salmiac.errors import ImageError
 from salmiac.image.archive import ArchiveFiles
@@ -231,7 +231,7 @@ def _temp_dir(cache: BlobCache) -> str:
 
 def _open_daemon(ref: DaemonReference, cache: BlobCache, platform: Platform) -> ImageSource:
     with tempfile.NamedTemporaryFile(dir=_temp_dir(cache), prefix="daemon-", suffix=".tar") as tmp:
-        save_image(ref.api_name, tmp)  # type: ignore[arg-type]
+        save_image(ref.api_name, cast(BinaryIO, tmp))
         tmp.flush()
         # The engine's archive holds exactly the image asked for (plus perhaps other tags of it).
         return _open_docker_archive(tmp.name, ref, DockerArchiveReference(tmp.name, index=0), cache, platform)

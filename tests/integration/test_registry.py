@@ -239,3 +239,26 @@ def test_expired_token_is_refreshed(token_registry: RunningRegistry, sample_imag
     data, _media_type, _digest = client.get_manifest("tok/refresh", "v1")
     assert json.loads(data)["schemaVersion"] == 2
     assert len(tokens.requests) == before + 1
+
+
+def test_cross_repository_mount(token_registry: RunningRegistry) -> None:
+    """The blob is mounted from another repository: no bytes are sent (the opener is never called)."""
+    payload = b"mount me " * 50
+    desc = Descriptor(OCI_LAYER, "sha256:" + hashlib.sha256(payload).hexdigest(), len(payload))
+    client = RegistryClient(token_registry.host, credentials=CREDS, tls_verify=False)
+    client.push_blob("mount/source", desc, lambda: io.BytesIO(payload))
+
+    def must_not_upload() -> io.BytesIO:
+        raise AssertionError("the blob should have been mounted, not uploaded")
+
+    client.push_blob("mount/target", desc, must_not_upload, mount_from="mount/source")
+    assert client.blob_exists("mount/target", desc)
+    tokens = token_registry.extra["token_server"]
+    assert ["repository:mount/target:pull,push", "repository:mount/source:pull"] in [
+        r.get("scope") for r in tokens.requests
+    ]
+    # a source repository without the blob: the registry declines the mount and we upload
+    other = b"not mountable"
+    other_desc = Descriptor(OCI_LAYER, "sha256:" + hashlib.sha256(other).hexdigest(), len(other))
+    client.push_blob("mount/target", other_desc, lambda: io.BytesIO(other), mount_from="mount/empty")
+    assert client.blob_exists("mount/target", other_desc)

@@ -17,7 +17,8 @@ What is implemented:
 - Manifests: Accept for OCI/Docker manifest and index, bounded, digest-checked. Blobs: streamed into the
   ``BlobCache`` which verifies size and digest. Push: ``HEAD`` existence check, ``POST`` then monolithic
   ``PUT ?digest=`` or chunked ``PATCH``es, manifest ``PUT``; the returned digest is checked.
-Not implemented: cross-repository mounts, OAuth2 identity tokens, ``Range`` resume of partial downloads.
+- Optional cross-repository mount (``push_blob(..., mount_from=REPO)``).
+Not implemented: OAuth2 identity tokens, ``Range`` resume of partial downloads.
 """
 
 from __future__ import annotations
@@ -478,23 +479,43 @@ class RegistryClient:
         except RegistryNotFound:
             return False
 
-    def push_blob(self, repository: str, desc: Descriptor, opener: Callable[[], BinaryIO]) -> None:
-        """Upload the blob ``opener()`` returns unless the registry has it; ``desc`` is checked by the server."""
+    def push_blob(
+        self,
+        repository: str,
+        desc: Descriptor,
+        opener: Callable[[], BinaryIO],
+        *,
+        mount_from: str | None = None,
+    ) -> None:
+        """Upload the blob ``opener()`` returns unless the registry has it; ``desc`` is checked by the server.
+
+        ``mount_from`` names another repository on this registry that may hold the blob: the registry is asked
+        to mount it from there (no bytes sent); if it cannot, the upload proceeds as usual.
+        """
         if self.blob_exists(repository, desc):
             return
         scope = f"repository:{repository}:pull,push"
+        if mount_from is not None and mount_from != repository:
+            scope += f" repository:{mount_from}:pull"
 
         def attempt() -> None:
             try:
-                self._upload(repository, desc, opener, scope)
+                self._upload(repository, desc, opener, scope, mount_from)
             except (OSError, http.client.HTTPException) as exc:
                 raise _Retryable(self._fail(f"upload {desc.digest}", None, str(exc))) from exc
 
         self._with_retries(attempt)
 
-    def _upload(self, repository: str, desc: Descriptor, opener: Callable[[], BinaryIO], scope: str) -> None:
-        with self.request("POST", f"/v2/{repository}/blobs/uploads/", scope, body=b"",
-                          headers={"Content-Length": "0"}, ok=(202,)) as resp:
+    def _upload(
+        self, repository: str, desc: Descriptor, opener: Callable[[], BinaryIO], scope: str, mount_from: str | None
+    ) -> None:
+        path = f"/v2/{repository}/blobs/uploads/"
+        if mount_from is not None and mount_from != repository:
+            path += "?" + urllib.parse.urlencode({"mount": desc.digest, "from": mount_from})
+        with self.request("POST", path, scope, body=b"", headers={"Content-Length": "0"}, ok=(201, 202)) as resp:
+            if resp.status == 201:  # mounted
+                resp.read(MAX_ERROR_BODY)
+                return
             location = self._location(resp)
         if desc.size <= self.chunk_size:
             self._finish_upload(location, desc, scope, body=opener, length=desc.size)

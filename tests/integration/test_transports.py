@@ -332,6 +332,9 @@ def test_write_docker_archive(sample_parts: tuple[bytes, list[LayerBlob]], tmp_p
     unpack_and_check(tmp_path / "fromdocker", "v3", tmp_path)
     with open_image(f"docker-archive:{first}:example.com/team/app:v3", cache=cache) as src:  # our own reader
         assert list(src.config.diff_ids) == [layer.diff_id for layer in layers]
+    unnamed = tmp_path / "unnamed.tar"
+    write_image(f"docker-archive:{unnamed}", config=config, layers=layers)
+    assert skopeo_inspect(f"docker-archive:{unnamed}")["Layers"] == [layer.diff_id for layer in layers]
 
 
 # docker-daemon -------------------------------------------------------------------------------------------

@@ -186,6 +186,22 @@ def test_kernel_config_line_three(tmp_path: Path) -> None:
         kernel_config_info(tmp_path / "missing")
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        # Line 3 of nitro-cli's blobs/x86_64/bzImage.config and blobs/aarch64/Image.config (v1.5.0).
+        ("# Linux/x86_64 4.14.256-209.484.amzn2.x86_64 Kernel Configuration", ("Linux", "4.14.256")),
+        ("# Linux/arm64 4.14.256-209.484.amzn2.aarch64 Kernel Configuration", ("Linux", "4.14.256")),
+        # Line 3 of Debian's linux-image-6.12.*-cloud-amd64 config (our enclave kernel).
+        ("# Linux/x86 6.12.118 Kernel Configuration", ("Linux", "6.12.118")),
+    ],
+)
+def test_kernel_config_real_lines(tmp_path: Path, line: str, expected: tuple[str, str]) -> None:
+    config = tmp_path / "config"
+    config.write_text(f"#\n# Automatically generated file; DO NOT EDIT.\n{line}\n#\n")
+    assert kernel_config_info(config) == expected
+
+
 def test_metadata_rejects_bad_values() -> None:
     with pytest.raises(RequestError, match="custom metadata"):
         EifMetadata(image_name="x", image_version="1", custom_metadata={"k": "v" * 5000})

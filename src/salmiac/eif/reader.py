@@ -164,7 +164,10 @@ def _scan(f: BinaryIO, file_size: int, *, verify_crc: bool) -> _Scan:
     small: dict[SectionType, bytes] = {}
     f.seek(HEADER_SIZE)
     for i, (section, _offset) in enumerate(sections):
-        crc = zlib.crc32(_read_exact(f, SECTION_HEADER_SIZE, f"section {i} header"), crc)
+        raw_header = _read_exact(f, SECTION_HEADER_SIZE, f"section {i} header")
+        if raw_header != section.pack():
+            raise EifError(f"section {i} header: changed while reading")
+        crc = zlib.crc32(raw_header, crc)
         hasher.begin(section.section_type)
         keep = section.section_type in _IN_MEMORY_LIMITS
         kept = bytearray()

@@ -282,7 +282,8 @@ def test_enclave_survives_malformed_frames_from_parent(tmp_path: Path) -> None:
         listener.bind(str(fake))
         listener.listen(1)
         offer = {"mac": "02:00:00:00:00:02", "ipv4": "10.88.0.2/24", "mtu": 1500, "gateway": "10.88.0.1",
-                 "hostname": "hostile-test"}  # fmt: skip
+                 "hostname": "hostile-test", "ipv6": "fd00:88::2/64", "gateway6": "fd00:88::1",
+                 "routes": [{"destination": "10.99.0.0/16", "via": "10.88.0.254"}]}  # fmt: skip
         (tmp_path / "fake-offer.json").write_text(json.dumps(offer))
         stats_file = tmp_path / "enc-stats.json"
         enc = t.spawn(t.enclave, "unshare", "--uts", PY, "-m", "salmiac.enclave.network", "--config",
@@ -291,6 +292,9 @@ def test_enclave_survives_malformed_frames_from_parent(tmp_path: Path) -> None:
         listener.settimeout(10)
         conn, _ = listener.accept()
         wait_until(lambda: (tmp_path / "r").exists(), what="enclave up")
+        assert "10.99.0.0/16 via 10.88.0.254 dev salmiac0" in t.ns(t.enclave, "ip", "route").stdout
+        assert "inet6 fd00:88::2/64" in t.ns(t.enclave, "ip", "-6", "addr", "show", "salmiac0").stdout
+        assert "default via fd00:88::1 dev salmiac0" in t.ns(t.enclave, "ip", "-6", "route").stdout
         peer_mac, enc_mac = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
         conn.sendall(
             garbage()
@@ -307,6 +311,21 @@ def test_enclave_survives_malformed_frames_from_parent(tmp_path: Path) -> None:
         assert stats["from_stream"]["dropped_empty"] == 2
         assert stats["from_stream"]["dropped_runt"] == 2
         assert enc.returncode == 0, t.log("enc2.log")
+    finally:
+        t.close()
+
+
+def test_enclave_refuses_a_bad_offer_with_one_line(tmp_path: Path) -> None:
+    t = Topology(tmp_path, start_enclave=False)
+    try:
+        bad = dict(t.offer, routes=[{"destination": "0.0.0.0/0", "via": "10.77.0.1"}])
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        r = t.ns(t.enclave, PY, "-m", "salmiac.enclave.network", "--config", str(tmp_path / "bad.json"),
+                 "--connect", f"unix:{t.sock}", "--root", str(t.root), "--no-hostname", check=False)  # fmt: skip
+        assert r.returncode == 2
+        assert r.stderr.strip().count("\n") == 0
+        assert "the default route comes only from the gateway" in r.stderr
+        assert "salmiac0" not in t.ns(t.enclave, "ip", "link").stdout, "nothing was set up"
     finally:
         t.close()
 

@@ -37,15 +37,41 @@ def _set_nonblocking(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
 
-def _child_exec(spec: ProcessSpec, rootfs: str, stdout_w: int, stderr_w: int, err_w: int) -> None:
+def _write_cgroup_file(path: str, value: str) -> None:
+    # No O_CREAT: on a host where /sys/fs/cgroup is a tmpfs (cgroup v1 or hybrid), open(path, "w") would
+    # create a plain file there and the write would "succeed" without any cgroup behind it.
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _prepare_cgroup(path: str) -> bool:
+    """Create the app's cgroup under a cgroup v2 hierarchy; False when there is none (then killpg is all we have)."""
+    if not os.path.exists(os.path.join(os.path.dirname(path), "cgroup.controllers")):
+        return False  # not cgroup v2 (a tmpfs, sysfs, or a v1 hierarchy): mkdir would not make a cgroup
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    return os.path.exists(os.path.join(path, "cgroup.procs"))
+
+
+def _child_exec(
+    spec: ProcessSpec, rootfs: str, cgroup: str | None, stdout_w: int, stderr_w: int, err_w: int
+) -> None:
     """Runs in the forked child. Never returns."""
     try:
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         os.setsid()
-        with contextlib.suppress(OSError), open(APP_CGROUP + "/cgroup.procs", "w") as f:
-            f.write("0")
+        if cgroup is not None:
+            with contextlib.suppress(OSError):
+                _write_cgroup_file(cgroup + "/cgroup.procs", "0")
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(stdout_w, 1)
@@ -66,7 +92,12 @@ def _child_exec(spec: ProcessSpec, rootfs: str, stdout_w: int, stderr_w: int, er
 
 
 class Supervisor:
-    """Owns the app process. ``send_output`` and ``poll_control`` are the driver's hooks."""
+    """Owns the app process. ``send_output`` and ``add_reader`` callbacks are the driver's hooks.
+
+    ``cgroup``: the cgroup v2 directory the app and its descendants are put in, so that all of them can be killed
+    when the app ends (None: process group only). ``drain_timeout``: how long, after the app exited, pipes held
+    open by escaped processes are still read.
+    """
 
     def __init__(
         self,
@@ -76,23 +107,28 @@ class Supervisor:
         send_output: Callable[[Stream, bytes], None],
         stop_signal: int = signal.SIGTERM,
         stop_timeout: float = 10.0,
+        cgroup: str | None = APP_CGROUP,
+        drain_timeout: float = DRAIN_TIMEOUT,
     ) -> None:
         self.spec = spec
         self.rootfs = rootfs
         self.send_output = send_output
         self.stop_signal = stop_signal
         self.stop_timeout = stop_timeout
+        self.cgroup = cgroup
+        self.drain_timeout = drain_timeout
+        self._cgroup_ready = False
         self.pid = 0
         self._pipes: dict[int, Stream] = {}
         self._kill_at: float | None = None
         self._result: AppResult | None = None
         self._sel = selectors.DefaultSelector()
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._closed = False
 
     def start(self) -> None:
         """Fork and exec the app; raises OSError with the exec error if it could not start."""
-        with contextlib.suppress(OSError):
-            os.makedirs(APP_CGROUP, exist_ok=True)
+        self._cgroup_ready = self.cgroup is not None and _prepare_cgroup(self.cgroup)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
@@ -100,7 +136,7 @@ class Supervisor:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         pid = os.fork()
         if pid == 0:
-            _child_exec(self.spec, self.rootfs, out_w, err_w, exec_w)
+            _child_exec(self.spec, self.rootfs, self.cgroup if self._cgroup_ready else None, out_w, err_w, exec_w)
         self.pid = pid
         for fd in (out_w, err_w, exec_w):
             os.close(fd)
@@ -165,14 +201,12 @@ class Supervisor:
 
     def _kill_rest(self) -> None:
         """The app's main process is gone: end every process it left behind."""
-        killed = False
+        if self._cgroup_ready and self.cgroup is not None:
+            with contextlib.suppress(OSError):  # cgroup.kill needs Linux 5.14
+                _write_cgroup_file(self.cgroup + "/cgroup.kill", "1")
+        # Also the process group: if joining the cgroup failed in the child, cgroup.kill found nobody.
         with contextlib.suppress(OSError):
-            with open(APP_CGROUP + "/cgroup.kill", "w") as f:
-                f.write("1")
-            killed = True
-        if not killed:
-            with contextlib.suppress(OSError):
-                os.killpg(self.pid, signal.SIGKILL)
+            os.killpg(self.pid, signal.SIGKILL)
 
     def run(self) -> AppResult:
         """Multiplex until the app has exited and its output is drained."""
@@ -180,7 +214,7 @@ class Supervisor:
         while True:
             if self._result is not None and drain_deadline is None:
                 self._kill_rest()
-                drain_deadline = time.monotonic() + DRAIN_TIMEOUT
+                drain_deadline = time.monotonic() + self.drain_timeout
             if drain_deadline is not None and (not self._pipes or time.monotonic() >= drain_deadline):
                 break
             timeout = None
@@ -209,3 +243,21 @@ class Supervisor:
         self._pipes.clear()
         assert self._result is not None  # loop exits only after the app was reaped
         return self._result
+
+    def close(self) -> None:
+        """Release the selector and the wakeup pipe; stop signals writing to it (SIGCHLD's handler stays)."""
+        if self._closed:  # closing fds twice could close someone else's file that reused the number
+            return
+        self._closed = True
+        # A closed wakeup fd would be written to on every signal, and its number may be reused by another file.
+        with contextlib.suppress(ValueError):  # not the main thread: start() could not have set it either
+            previous = signal.set_wakeup_fd(-1)
+            if previous != self._wakeup_w:
+                signal.set_wakeup_fd(previous)
+        for fd in list(self._pipes):
+            os.close(fd)
+        self._pipes.clear()
+        self._sel.close()
+        for fd in (self._wakeup_r, self._wakeup_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import re
 import secrets
 import statistics
@@ -52,6 +53,17 @@ def iperf(topo: Topology, server_ns: str, server_ip: str, seconds: int, reverse:
         if srv.poll() is None:
             srv.terminate()
         srv.wait(timeout=30)
+
+
+def python_pid(pid: int) -> int:
+    """The Python process under ``ip netns exec`` (which execs) or ``unshare`` (which forks)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(children[0]) if children else pid
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def redis_ping(topo: Topology, host: str) -> bool:
@@ -116,12 +128,19 @@ def main() -> int:
                 topo.spawn(ns, "redis-server", "--bind", ip, "--port", "6379", "--protected-mode", "no",
                            "--save", "", "--appendonly", "no")  # fmt: skip
             series: dict[str, list[float]] = {}
+            relay_pid, enclave_pid = python_pid(topo.relay.pid), python_pid(topo.enclave_proc.pid)
             for run in range(args.runs):
                 for reverse in (False, True):
                     d = "enclave_to_client" if reverse else "client_to_enclave"
                     set_offloads(topo, on=False)
-                    series.setdefault(f"relay_{d}_gbps", []).append(
-                        iperf(topo, topo.enclave, PARENT_IP, args.seconds, reverse)
+                    cpu0 = (cpu_seconds(relay_pid), cpu_seconds(enclave_pid))
+                    gbps = iperf(topo, topo.enclave, PARENT_IP, args.seconds, reverse)
+                    series.setdefault(f"relay_{d}_gbps", []).append(gbps)
+                    # CPU per GB moved: a figure that other load on the machine distorts far less than Gbit/s.
+                    gbytes = gbps * args.seconds / 8
+                    series.setdefault(f"cpu_s_per_gb_relay_{d}", []).append((cpu_seconds(relay_pid) - cpu0[0]) / gbytes)
+                    series.setdefault(f"cpu_s_per_gb_enclave_{d}", []).append(
+                        (cpu_seconds(enclave_pid) - cpu0[1]) / gbytes
                     )
                     series.setdefault(f"veth_nooffload_{d}_gbps", []).append(
                         iperf(topo, direct, DIRECT_IP, args.seconds, reverse)
@@ -155,7 +174,14 @@ def main() -> int:
         "to_stream": relay_stats["to_stream"],
         "device_rx_dropped": relay_stats.get("device_rx_dropped"),
     }
-    result["config"] = {"runs": args.runs, "seconds": args.seconds, "mtu": args.mtu, "when": time.time()}
+    result["config"] = {
+        "runs": args.runs,
+        "seconds": args.seconds,
+        "mtu": args.mtu,
+        "when": time.time(),
+        "loadavg_at_end": Path("/proc/loadavg").read_text().split()[:3],
+        "cpus": os.cpu_count(),
+    }
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -17,17 +17,27 @@ transparent (default, as in Fortanix Salmiac)
     and the relay does not forward frames to ``PARENT_PORTS``, so the enclave never RSTs the parent's flows.
     ARP stays with both kernels; they answer identically (same MAC, same address).
 
-    Salmiac itself does this with libpcap (BPF "inbound") plus ``iptables -P INPUT DROP`` with
-    ``-m socket`` and ``lo`` accepted; its enclave also takes the parent's MAC, address, gateway, routes and
-    static ARP entries. We differ in the split port ranges (``-m socket`` alone lets the enclave see, and RST,
-    replies meant for the parent's sockets) and in using AF_PACKET directly.
+    Fortanix Salmiac (vsock-proxy/parent) does the same in spirit: one libpcap capture per parent
+    interface with the BPF filter "inbound", relayed as length-value records over one vsock port per
+    interface; its enclave TAP takes the parent's MAC, address/netmask, MTU, gateway, routes and static
+    ARP entries; it recomputes IPv4/TCP/UDP checksums of every captured packet; and the parent's entry
+    script keeps its kernel quiet with ``iptables -A INPUT -m socket -j ACCEPT``, ``-i lo`` accepted and
+    ``iptables -P INPUT DROP``. A second, private TAP pair carries parent<->enclave services (NBD, logs,
+    a dnsmasq when the parent's resolv.conf points at 127.0.0.x). We differ in the split port ranges
+    (``-m socket`` alone still lets the enclave receive, and RST, replies meant for the parent's own
+    sockets), in completing only the checksums the kernel flags as partial, and in reading AF_PACKET
+    through a TPACKET_V2 ring instead of libpcap.
 
     Trade-offs: no address change on the parent (its own kernel keeps ARP, routes and the IP for its own
     outbound traffic), no NAT state, client addresses preserved; but the parent cannot serve any port
     outside ``PARENT_PORTS`` on that address, inbound ports in ``PARENT_PORTS`` never reach the enclave,
     IPv6 stays with the parent, and GRO/LRO must be off on the uplink (we turn it off) because
-    coalesced frames exceed the MTU. The alternative - moving the address off the uplink and bridging it
-    to a TAP - takes the parent off the network and needs the uplink in promiscuous mode.
+    coalesced frames exceed the MTU. A virtual uplink (veth) whose peer sends with TSO/GSO hands over
+    64 KiB super-frames that no frame of ours can carry: they are dropped and counted
+    (``device_rx_dropped``); real NICs segment on the wire. The alternative - moving the address off the
+    uplink and bridging it to a TAP - takes the parent off the network and needs the uplink in
+    promiscuous mode. Sysctls changed in the parent's namespace (``ip_local_port_range``, and
+    ``ip_forward`` in published mode) and the nftables table are restored/removed by ``close()``.
 
 published
     Like ``docker run -p``: the enclave lives on a private /30 behind a TAP in the parent (``salmiac-pub0``);

@@ -756,6 +756,8 @@ class _Connection:
                 if self._eof:
                     return self._at_eof()
                 return NEED_DATA
+            if event is PAUSED:
+                return PAUSED
             assert isinstance(event, Event)
             self._received(event)
             return event
@@ -1130,6 +1132,8 @@ class NbdClient(_Connection):
             return self._parse_option_reply()
         if state in (State.TRANSMISSION, State.DISCONNECTING):
             return self._parse_reply()
+        if state in (State.CLIENT_FLAGS, State.OPTIONS):
+            return PAUSED  # our turn to send; anything the server sent meanwhile waits in the buffer
         if self._buf:
             raise RemoteProtocolError(f"NBD server sent data in state {state.value}")
         return NEED_DATA

@@ -147,7 +147,7 @@ CONFIGS = st.builds(
 
 
 @given(CONFIGS)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 def test_round_trip_random(config: AppConfig) -> None:
     raw = config.to_json()
     again = AppConfig.from_json(raw)
@@ -156,7 +156,7 @@ def test_round_trip_random(config: AppConfig) -> None:
 
 
 @given(st.binary(max_size=200))
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 def test_arbitrary_bytes_only_raise_app_config_error(raw: bytes) -> None:
     with contextlib.suppress(AppConfigError):
         AppConfig.from_json(raw)
@@ -172,7 +172,7 @@ JSON_VALUES = st.recursive(
 @given(
     st.dictionaries(st.sampled_from([*AppConfig.__dataclass_fields__, "bogus"]), JSON_VALUES, max_size=6),
 )
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=200, deadline=None)
 def test_random_field_values_only_raise_app_config_error(fields: dict[str, Any]) -> None:
     fields.setdefault("version", APP_CONFIG_VERSION)
     try:

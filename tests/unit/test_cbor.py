@@ -304,13 +304,13 @@ ANY_VALUES = st.recursive(
 
 
 @given(CANONICAL_VALUES)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 def test_cbor2_canonical_is_our_encoding(value: Any) -> None:
     assert cbor.dumps(value) == cbor2.dumps(value, canonical=True)
 
 
 @given(ANY_VALUES)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 def test_round_trip_and_cbor2_agrees(value: Any) -> None:
     raw = cbor.dumps(value)
     assert cbor.loads(raw) == value
@@ -320,7 +320,7 @@ def test_round_trip_and_cbor2_agrees(value: Any) -> None:
 
 
 @given(st.binary(max_size=200))
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 def test_arbitrary_bytes_only_raise_cbor_error(raw: bytes) -> None:
     for tags in ((), (18,)):
         with contextlib.suppress(CborError):
@@ -328,7 +328,7 @@ def test_arbitrary_bytes_only_raise_cbor_error(raw: bytes) -> None:
 
 
 @given(ANY_VALUES, st.data())
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 def test_mutated_valid_items_only_raise_cbor_error(value: Any, data: st.DataObject) -> None:
     raw = bytearray(cbor.dumps(value))
     for _ in range(data.draw(st.integers(min_value=1, max_value=4))):

@@ -487,7 +487,7 @@ def feed_and_drain(conn: ControlConnection, chunks: list[bytes]) -> None:
 
 
 @given(st.lists(st.binary(min_size=1, max_size=64), max_size=8), st.sampled_from(list(Role)))  # b"" is EOF
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=500, deadline=None)
 def test_random_bytes_only_raise_remote_protocol_error(chunks: list[bytes], role: Role) -> None:
     feed_and_drain(ControlConnection(role), chunks)
 
@@ -514,7 +514,7 @@ FIELD_NAMES = st.sampled_from(
     st.dictionaries(FIELD_NAMES, VALUES, max_size=5),
     st.sampled_from(list(Role)),
 )
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=300, deadline=None)
 def test_random_typed_maps_only_raise_remote_protocol_error(kind: str, fields: dict[str, Any], role: Role) -> None:
     raw = framed(cbor.dumps({"type": kind, **fields}))
     with contextlib.suppress(RemoteProtocolError):

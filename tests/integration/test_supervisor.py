@@ -72,6 +72,10 @@ def throwaway_cgroup() -> Iterator[str]:
         pytest.skip("no writable cgroup v2 mount on this host")
     path = os.path.join(mount, f"salmiac-test-{uuid.uuid4().hex[:12]}")
     try:
+        os.mkdir(path)  # the supervisor accepts an existing directory; this probes that we may create one
+    except OSError as exc:
+        pytest.skip(f"cannot create a cgroup under {mount}: {exc.strerror}")
+    try:
         yield path
     finally:
         if os.path.isdir(path):

@@ -1,0 +1,208 @@
+"""flatten() against `umoci unpack` as an oracle, on real multi-layer images built from Debian packages.
+
+Same set of paths, kinds, modes, uid/gid, symlink targets, device numbers, file contents, hardlink groups
+and user xattrs. Needs root (umoci unpack keeps ownership and makes device nodes), umoci and skopeo.
+The fixture images themselves are checked by running them under chroot (busybox, python, check script).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+
+from fixtures.images import (
+    MULTILAYER_ABSENT,
+    MULTILAYER_EXPECTED,
+    MULTILAYER_XATTRS,
+    PYTHON_ENV,
+    OciImage,
+    docker_archive,
+    image_size,
+)
+from salmiac.image.flatten import Compression, Flattener
+from salmiac.image.tarout import write_tar
+from salmiac.image.tree import Kind, Tree
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("umoci") is None or shutil.which("skopeo") is None, reason="needs umoci+skopeo"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="umoci unpack keeps ownership and makes devices only as root"),
+]
+
+IMAGES = ["busybox_image", "python_image", "multilayer_image"]
+CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
+_KINDS = {stat.S_IFREG: Kind.FILE, stat.S_IFDIR: Kind.DIR, stat.S_IFLNK: Kind.SYMLINK, stat.S_IFCHR: Kind.CHAR,
+          stat.S_IFBLK: Kind.BLOCK, stat.S_IFIFO: Kind.FIFO}
+
+
+@contextmanager
+def flattened(image: OciImage) -> Iterator[tuple[Tree, Flattener]]:
+    flattener = Flattener()
+    with ExitStack() as stack:
+        for blob, diff_id in image.layers():
+            flattener.apply_layer(stack.enter_context(blob.open("rb")), diff_id)
+    try:
+        yield flattener.tree, flattener
+    finally:
+        flattener.tree.close()
+
+
+def unpack(image: OciImage, dest: Path) -> Path:
+    subprocess.run(["umoci", "unpack", "--image", f"{image.layout}:{image.tag}", str(dest)], check=True,
+                   capture_output=True)
+    return dest / "rootfs"
+
+
+def user_xattrs(host: Path) -> dict[str, bytes]:
+    names = sorted(x for x in os.listxattr(host, follow_symlinks=False) if x.startswith("user."))
+    return {x: os.getxattr(host, x, follow_symlinks=False) for x in names}
+
+
+def host_snapshot(rootfs: Path) -> dict[str, tuple[Any, ...]]:
+    snap: dict[str, tuple[Any, ...]] = {}
+    inodes: dict[int, list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(rootfs):
+        for name in [".", *dirnames, *filenames] if dirpath == str(rootfs) else [*dirnames, *filenames]:
+            host = Path(dirpath) / name if name != "." else rootfs
+            st = host.lstat()
+            rel = "/" + str(host.relative_to(rootfs)) if host != rootfs else "/"
+            kind = _KINDS[stat.S_IFMT(st.st_mode)]
+            link = None
+            if kind is Kind.FILE:
+                link = inodes.setdefault(st.st_ino, [])
+                link.append(rel)
+            snap[rel] = (
+                kind,
+                None if kind is Kind.SYMLINK else stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                os.readlink(host) if kind is Kind.SYMLINK else None,
+                (os.major(st.st_rdev), os.minor(st.st_rdev)) if kind in (Kind.CHAR, Kind.BLOCK) else None,
+                hashlib.sha256(host.read_bytes()).hexdigest() if kind is Kind.FILE else None,
+                link,
+                user_xattrs(host) if kind is not Kind.SYMLINK else {},
+            )
+    return _name_link_groups(snap)
+
+
+def _name_link_groups(snap: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    """Replace each file's link-group list by its smallest path, whatever order it was walked in."""
+    return {p: (*v[:7], min(v[7]) if v[7] is not None else None, v[8]) for p, v in snap.items()}
+
+
+def tree_snapshot(tree: Tree) -> dict[str, tuple[Any, ...]]:
+    groups: dict[int, list[str]] = {}
+    snap: dict[str, tuple[Any, ...]] = {}
+    for path, e in tree.walk():
+        link = groups.setdefault(id(e.data), []) if e.data is not None else None
+        if link is not None:
+            link.append(str(path))
+        snap[str(path)] = (
+            e.kind,
+            None if e.kind is Kind.SYMLINK else e.mode,
+            e.uid,
+            e.gid,
+            e.target,
+            e.rdev if e.kind in (Kind.CHAR, Kind.BLOCK) else None,
+            hashlib.sha256(e.data.read()).hexdigest() if e.data is not None else None,
+            link,
+            {k: v for k, v in e.xattrs.items() if k.startswith("user.")} if e.kind is not Kind.SYMLINK else {},
+        )
+    return _name_link_groups(snap)
+
+
+@pytest.mark.parametrize("fixture", IMAGES)
+def test_flatten_equals_umoci_unpack(fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    image: OciImage = request.getfixturevalue(fixture)
+    rootfs = unpack(image, tmp_path / "bundle")
+    with flattened(image) as (tree, flattener):
+        ours, theirs = tree_snapshot(tree), host_snapshot(rootfs)
+        assert all(layer.compression is Compression.GZIP for layer in flattener.layers)
+    assert set(ours) == set(theirs)
+    assert {p: v for p, v in ours.items() if p != "/"} == {p: v for p, v in theirs.items() if p != "/"}
+    assert ours["/"][0] is theirs["/"][0] is Kind.DIR
+
+
+@pytest.mark.parametrize("fixture", IMAGES)
+def test_tarout_layer_unpacks_identically_with_umoci(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Our single-layer export, added with umoci to a fresh image, unpacks to the same rootfs."""
+    image: OciImage = request.getfixturevalue(fixture)
+    layer = tmp_path / "flat.tar"
+    with flattened(image) as (tree, _), layer.open("wb") as out:
+        write_tar(tree, out, mtime=0)
+        expected = tree_snapshot(tree)
+    layout = tmp_path / "oci"
+    for cmd in (["init", "--layout", layout], ["new", "--image", f"{layout}:flat"],
+                ["raw", "add-layer", "--image", f"{layout}:flat", layer]):
+        subprocess.run(["umoci", *map(str, cmd)], check=True, capture_output=True)
+    got = host_snapshot(unpack(OciImage(layout, "flat"), tmp_path / "bundle"))
+    assert {p: v for p, v in got.items() if p != "/"} == {p: v for p, v in expected.items() if p != "/"}
+
+
+def test_multilayer_semantics(multilayer_image: OciImage) -> None:
+    with flattened(multilayer_image) as (tree, flattener):
+        assert len(flattener.layers) == 4
+        for path, (kind, value) in MULTILAYER_EXPECTED.items():
+            entry = tree[PurePosixPath(path)]
+            if kind.startswith("hardlink:"):
+                assert entry.data is tree[PurePosixPath(kind.split(":", 1)[1])].data, path
+            elif kind == "file" and value is not None:
+                assert entry.data is not None and entry.data.read() == value.encode(), path
+            elif kind == "symlink":
+                assert entry.target == value
+            elif kind.startswith("char:"):
+                assert entry.kind is Kind.CHAR and entry.rdev == (1, 3)
+            else:
+                assert entry.kind.value == kind, path
+        for path in MULTILAYER_ABSENT:
+            assert PurePosixPath(path) not in tree, path
+        for path, xattrs in MULTILAYER_XATTRS.items():
+            assert tree[PurePosixPath(path)].xattrs == xattrs
+
+
+def chroot_run(rootfs: Path, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CHROOT, str(rootfs), *argv], capture_output=True, text=True, timeout=60,
+                          env=env or {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, check=False)
+
+
+def test_fixture_images_run(busybox_image: OciImage, python_image: OciImage, multilayer_image: OciImage,
+                            tmp_path: Path) -> None:
+    bb = chroot_run(unpack(busybox_image, tmp_path / "bb"), "/bin/sh", "-c", "echo hello from busybox; exit 3")
+    assert (bb.returncode, bb.stdout) == (3, "hello from busybox\n")
+    assert busybox_image.config()["config"] == {
+        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        "Cmd": ["/bin/sh", "-c", "echo hello from busybox; exit 3"],
+    }
+    ml = chroot_run(unpack(multilayer_image, tmp_path / "ml"), "/bin/sh", "/check.sh")
+    assert (ml.returncode, ml.stdout) == (0, "multilayer ok\n"), ml.stdout
+    py_root = unpack(python_image, tmp_path / "py")
+    py = chroot_run(py_root, "/usr/bin/python3", "/app/show.py", "x y", "exit=7", env={**PYTHON_ENV, "SHOW_EXIT": "5"})
+    assert py.returncode == 7, py.stderr
+    shown = json.loads(py.stdout)
+    assert shown["argv"] == ["/app/show.py", "x y", "exit=7"]
+    assert shown["env"]["APP_GREETING"] == "hello world"
+    assert chroot_run(py_root, "/usr/bin/python3", "/app/show.py", env={"SHOW_EXIT": "5"}).returncode == 5
+    config = python_image.config()["config"]
+    assert isinstance(config, dict)
+    assert (config["Entrypoint"], config["Cmd"], config["WorkingDir"], config["User"]) == (
+        ["python3", "/app/show.py"], ["default-arg"], "/app", "1000:1000")
+    assert "APP_MODE=test" in config["Env"]
+
+
+def test_docker_archive_export(busybox_image: OciImage, tmp_path: Path) -> None:
+    archive = docker_archive(busybox_image, "salmiac-test/busybox:export", tmp_path / "bb.tar")
+    inspect = json.loads(subprocess.run(["skopeo", "inspect", "--config", f"docker-archive:{archive}"],
+                                        capture_output=True, text=True, check=True).stdout)
+    assert inspect["config"]["Cmd"] == ["/bin/sh", "-c", "echo hello from busybox; exit 3"]
+    assert image_size(busybox_image).layers == 1

@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 STREAM_LIMIT = 4 * 1024 * 1024  # StreamReader buffer: lets one read() return a whole large WRITE
 RECV_CHUNK = 4 * 1024 * 1024
 ZERO_CHUNK = 1024 * 1024  # writing zeroes by hand when fallocate cannot
-SOCKET_BUFFER = 4 * 1024 * 1024  # so one send() takes a whole large READ reply
+SOCKET_BUFFER = 4 * 1024 * 1024
+REPLY_HEADROOM = nbd.SIMPLE_REPLY_SIZE  # so one send() takes a whole large READ reply
 # Why pread/pwrite run on the event loop but fdatasync does not: page-cache copies of up to 32 MiB take
 # microseconds to milliseconds, and handing them to a thread measured slower (bench/bench_nbd.py: the
 # thread hand-off and GIL ping-pong cost more than the copy), whereas fdatasync waits for the disk and
@@ -172,10 +173,11 @@ class _OpenExport:
         os.close(self.fd)
 
     def read(self, offset: int, length: int) -> memoryview:
-        """Read into the connection's reusable buffer; the view is valid until the next read."""
-        if len(self._buf) < length:
-            self._buf = bytearray(max(length, 2 * len(self._buf), 64 * 1024))
-        view = memoryview(self._buf)[:length]
+        """Read into the connection's reusable buffer, after room for the reply header (so header and
+        data leave in one send); the view is valid until the next read."""
+        if len(self._buf) < REPLY_HEADROOM + length:
+            self._buf = bytearray(REPLY_HEADROOM + max(length, 2 * len(self._buf), 64 * 1024))
+        view = memoryview(self._buf)[REPLY_HEADROOM : REPLY_HEADROOM + length]
         done = 0
         while done < length:
             n = os.preadv(self.fd, [view[done:]], offset + done)
@@ -185,6 +187,18 @@ class _OpenExport:
                 break
             done += n
         return view
+
+    def framed(self, header: bytes | bytearray | memoryview, length: int) -> memoryview | None:
+        """Header + the data of the last ``read``, contiguous in the buffer; None if it does not fit."""
+        if len(header) != REPLY_HEADROOM:
+            return None
+        self._buf[:REPLY_HEADROOM] = header
+        return memoryview(self._buf)[: REPLY_HEADROOM + length]
+
+    def release_buffer(self) -> None:
+        """Stop reusing the buffer: the transport still holds part of it (since Python 3.12 it queues
+        views instead of copying what it could not send at once)."""
+        self._buf = bytearray()
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -247,8 +261,13 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
                         writer.write(conn.send(Reply(handle, _wire_errno(exc))))
                     else:
                         header, payload = conn.send_with_data_passthrough(ReadReply(handle, data))
-                        writer.write(header)
-                        writer.write(payload)
+                        whole = opened.framed(header, length)
+                        if whole is None:
+                            writer.writelines([header, payload])
+                        else:
+                            writer.write(whole)
+                        if writer.transport.get_write_buffer_size():
+                            opened.release_buffer()
                 case Write() | Flush() | Trim() | WriteZeroes():
                     assert opened is not None
                     if isinstance(event, Flush) or event.fua:

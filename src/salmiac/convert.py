@@ -43,12 +43,13 @@ from salmiac.progress import Progress
 from salmiac.protocol.appconfig import APP_CONFIG_PATH, ROOTFS_DIR, AppConfig
 from salmiac.request import ConversionRequest, ConversionResponse
 from salmiac.rootfs.cpio import CpioWriter, write_tree
+from salmiac.rootfs.ramdisk import compress_file
 from salmiac.runconfig import BUNDLE_DIR, EIF_NAME, RUN_CONFIG_NAME, RunConfig
 
 # The kernel command line is measured (PCR0/PCR1). Nitro's own, plus what our init and emulator rely on:
 # quiet console (app output goes over the control channel), trusted CPU RNG so nothing blocks on entropy.
 KERNEL_CMDLINE: Final = (
-    "reboot=k panic=30 pci=off console=ttyS0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd "
+    "reboot=k panic=30 pci=off console=ttyS0 earlyprintk=ttyS0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd "
     "random.trust_cpu=on loglevel=4"
 )
 LAYER_TAR: Final = "application/vnd.oci.image.layer.v1.tar"
@@ -133,14 +134,14 @@ def build_app_ramdisk(tree: Tree, app: AppConfig, dst: Path) -> int:
         writer.add_file(APP_CONFIG_PATH, app.to_json(), mode=0o444)
         writer.finish()
     size = raw.stat().st_size
-    enclave_base.compress_ramdisk(raw, dst)
+    compress_file(raw, dst)
     raw.unlink()
     return size
 
 
 def build_bootstrap_ramdisk(cache: Path, kernel: KernelBundle, dst: Path) -> int:
     """ramdisk[0]: the enclave base (python, busybox, modules...) followed by our package and /init."""
-    base_path = enclave_base.build_base(cache / "enclave-base", kernel, enclave_base.DEFAULT_MODULES)
+    base = enclave_base.build_base_report(cache / "enclave-base", kernel, enclave_base.DEFAULT_MODULES)
     pkg_raw = dst.with_suffix(".pkg.cpio")
     with open(pkg_raw, "wb") as f:
         writer = CpioWriter(f)
@@ -148,14 +149,14 @@ def build_bootstrap_ramdisk(cache: Path, kernel: KernelBundle, dst: Path) -> int
         writer.finish()
     pkg_size = pkg_raw.stat().st_size
     pkg = dst.with_suffix(".pkg")
-    enclave_base.compress_ramdisk(pkg_raw, pkg)
+    compress_file(pkg_raw, pkg)
     pkg_raw.unlink()
     with open(dst, "wb") as out:
-        for part in (base_path, pkg):
+        for part in (base.path, pkg):
             with open(part, "rb") as src:
                 shutil.copyfileobj(src, out, 1 << 20)
     pkg.unlink()
-    return enclave_base.unpacked_size(base_path) + pkg_size
+    return base.uncompressed_bytes + pkg_size
 
 
 def build_eif(req: ConversionRequest, source_config: ImageConfig, tree: Tree, *, image_name: str,
@@ -213,10 +214,10 @@ def _digest_file(path: Path) -> str:
 def _layer(tar_path: Path, *, gzipped_dst: Path | None = None) -> LayerBlob:
     diff_id = _digest_file(tar_path)
     if gzipped_dst is None:
-        return LayerBlob(path=tar_path, media_type=LAYER_TAR, digest=diff_id, size=tar_path.stat().st_size,
+        return LayerBlob(path=str(tar_path), media_type=LAYER_TAR, digest=diff_id, size=tar_path.stat().st_size,
                          diff_id=diff_id)
     _gzip_file(tar_path, gzipped_dst)
-    return LayerBlob(path=gzipped_dst, media_type=LAYER_TAR_GZIP, digest=_digest_file(gzipped_dst),
+    return LayerBlob(path=str(gzipped_dst), media_type=LAYER_TAR_GZIP, digest=_digest_file(gzipped_dst),
                      size=gzipped_dst.stat().st_size, diff_id=diff_id)
 
 
@@ -270,7 +271,7 @@ def build_parent_layer(cache: Path, workdir: Path) -> LayerBlob:
             os.replace(blob.path, cached)
             cached_meta.write_text(json.dumps({"digest": blob.digest, "diff_id": blob.diff_id, "size": blob.size}))
     meta = json.loads(cached_meta.read_text())
-    return LayerBlob(path=cached, media_type=LAYER_TAR_GZIP, digest=meta["digest"], size=meta["size"],
+    return LayerBlob(path=str(cached), media_type=LAYER_TAR_GZIP, digest=meta["digest"], size=meta["size"],
                      diff_id=meta["diff_id"])
 
 

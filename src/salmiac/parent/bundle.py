@@ -8,7 +8,6 @@ manifest digest (written under a temp name, then renamed).
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import tarfile
@@ -18,7 +17,6 @@ from typing import Final
 
 from salmiac.errors import ImageError
 from salmiac.image.cache import BlobCache
-from salmiac.image.compression import decompressed, sniff
 from salmiac.image.source import open_image
 from salmiac.runconfig import BUNDLE_DIR, EIF_NAME, RUN_CONFIG_NAME
 
@@ -44,10 +42,8 @@ def extract_bundle(image: str, cache_dir: Path, *, tls_verify: bool = True, ca_f
         try:
             found: set[str] = set()
             for desc in reversed(source.layers):
-                with contextlib.closing(source.open_blob(desc)) as blob:
-                    raw = io.BufferedReader(blob, 1 << 16)  # type: ignore[type-var]
-                    stream = decompressed(raw, sniff(raw.peek(4)[:4]))
-                    tar = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 - closed with the blob
+                with contextlib.closing(source.open_layer(desc)) as stream, \
+                        tarfile.open(fileobj=stream, mode="r|") as tar:
                     for member in tar:
                         name = _member_name(member.name)
                         if name not in WANTED or name in found:

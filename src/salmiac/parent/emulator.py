@@ -134,10 +134,12 @@ class EmulatedEnclave:
                 if not heartbeat_done.done():
                     heartbeat_done.set_exception(BootStalled(f"heartbeat failed: {exc}"))
 
+        boot_over = asyncio.Event()
+
         async def on_control(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             if not control_conn.done():
                 control_conn.set_result((r, w))
-                await asyncio.Event().wait()  # the session owns the streams; keep the handler alive
+                await boot_over.wait()  # the session owns the streams until this boot is over
 
         handlers: dict[int, PortHandler] = {HEARTBEAT_PORT: on_heartbeat, CONTROL_PORT: on_control}
         handlers.update(self.extra_ports)
@@ -186,6 +188,7 @@ class EmulatedEnclave:
                 sys.stderr.write(_tail(console, 200) + "\n")
             return exited.status
         finally:
+            boot_over.set()
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()

@@ -57,10 +57,18 @@ def _sha256(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-def _timed(cmd: Sequence[str]) -> float:
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all threads (fields 14 and 15 of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _timed(cmd: Sequence[str], server_pid: int) -> tuple[float, float]:
+    """Wall seconds of the client run, and CPU seconds the server spent meanwhile."""
+    cpu = _cpu_seconds(server_pid)
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _cpu_seconds(server_pid) - cpu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,18 +119,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         extra = list(args.nbdcopy_args)
 
-        def run(server: str, direction: str) -> float:
+        pids = {"ours": ours.pid, "nbdkit": kit.pid}
+
+        def run(server: str, direction: str) -> tuple[float, float]:
             uri = uris[server, direction]
             if direction == "read":
-                return _timed(["nbdcopy", *extra, uri, "null:"])
-            return _timed(["nbdcopy", *extra, str(source), uri])
+                return _timed(["nbdcopy", *extra, uri, "null:"], pids[server])
+            return _timed(["nbdcopy", *extra, str(source), uri], pids[server])
 
         times: dict[tuple[str, str], list[float]] = {key: [] for key in uris}
+        cpus: dict[tuple[str, str], list[float]] = {key: [] for key in uris}
         for key in uris:  # warm-up: page cache, file allocation
             run(*key)
         for _ in range(args.reps):
             for key in uris:
-                times[key].append(run(*key))
+                wall, cpu = run(*key)
+                times[key].append(wall)
+                cpus[key].append(cpu)
 
         want = _sha256(source, size)
         for name in ("write", "read"):
@@ -140,16 +153,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     mib = size / (1 << 20)
     print(f"nbdcopy {' '.join(extra) or '(defaults)'}, {args.size_mib} MiB, {args.reps} repetitions, "
-          f"{os.cpu_count()} CPUs")
-    print(f"{'direction':<9} {'server':<7} {'mean s':>8} {'stdev s':>8} {'min s':>7} {'MiB/s':>8}")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'direction':<9} {'server':<7} {'mean s':>7} {'stdev s':>7} {'min s':>6} {'MiB/s':>6} "
+          f"{'server CPU s':>12}")
     for direction in ("read", "write"):
         for server in ("ours", "nbdkit"):
             samples = times[server, direction]
             mean = statistics.mean(samples)
             stdev = statistics.stdev(samples) if len(samples) > 1 else 0.0
-            print(f"{direction:<9} {server:<7} {mean:8.3f} {stdev:8.3f} {min(samples):7.3f} {mib / mean:8.0f}")
-        ratio = statistics.mean(times["nbdkit", direction]) / statistics.mean(times["ours", direction])
-        print(f"{direction:<9} ratio ours/nbdkit (throughput) = {ratio:.2f}")
+            cpu = statistics.mean(cpus[server, direction])
+            print(f"{direction:<9} {server:<7} {mean:7.3f} {stdev:7.3f} {min(samples):6.3f} {mib / mean:6.0f} "
+                  f"{cpu:12.3f}")
+        ours_t, kit_t = times["ours", direction], times["nbdkit", direction]
+        mean_ratio = statistics.mean(kit_t) / statistics.mean(ours_t)
+        print(f"{direction:<9} ratio ours/nbdkit throughput: mean {mean_ratio:.2f}"
+              f", best {min(kit_t) / min(ours_t):.2f}")
     return 0
 
 

@@ -46,8 +46,8 @@ class Served:
 class _ServerThread:
     """Our asyncio server on its own loop in a thread, so the test process can count fdatasync calls."""
 
-    def __init__(self, path: Path, exports: list[Export]) -> None:
-        self._path, self._exports = path, exports
+    def __init__(self, path: Path, exports: list[Export], streams: bool) -> None:
+        self._path, self._exports, self._streams = path, exports, streams
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -56,7 +56,7 @@ class _ServerThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         try:
-            server = self._loop.run_until_complete(serve_unix(self._path, self._exports))
+            server = self._loop.run_until_complete(self._start())
         except BaseException as exc:
             self._error = exc
             self._ready.set()
@@ -69,6 +69,18 @@ class _ServerThread:
             task.cancel()
         self._loop.run_until_complete(asyncio.sleep(0))
         self._loop.close()
+
+    async def _start(self) -> asyncio.Server:
+        if not self._streams:
+            return await serve_unix(self._path, self._exports)
+        # The generic entry point, as used over streams that are not sockets we listen on.
+        infos = nbd_server.prepare_exports(self._exports)
+        by_name = {e.name: e for e in self._exports}
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await nbd_server.serve_connection(reader, writer, by_name, infos)
+
+        return await asyncio.start_unix_server(handle, path=str(self._path))
 
     def __enter__(self) -> _ServerThread:
         self._thread.start()
@@ -87,8 +99,8 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
+@pytest.fixture(params=["protocol", "streams"])
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Served]:
     rw, ro = tmp_path / "rw.img", tmp_path / "ro.img"
     ro.write_bytes(os.urandom(RO_SIZE))
     syncs: list[int] = []
@@ -101,7 +113,7 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
     sock = tmp_path / "nbd.sock"
     exports = [Export("disk", rw, size=RW_SIZE), Export("rootfs", ro, read_only=True)]
-    with _ServerThread(sock, exports):
+    with _ServerThread(sock, exports, streams=request.param == "streams"):
         yield Served(sock, rw, ro, syncs)
 
 
@@ -254,3 +266,27 @@ def test_prepare_exports_errors(tmp_path: Path) -> None:
         nbd_server.prepare_exports([Export("x", small, read_only=True), Export("x", small, read_only=True)])
     with pytest.raises(RequestError, match="not a regular file"):
         nbd_server.prepare_exports([Export("x", tmp_path, read_only=True)])
+
+
+def test_serve_tcp(tmp_path: Path) -> None:
+    async def main() -> bytes:
+        server = await nbd_server.serve_tcp("127.0.0.1", 0, [Export("disk", tmp_path / "t.img", size=1 << 20)])
+        port = server.sockets[0].getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            "nbdinfo", "--size", f"nbd://127.0.0.1:{port}/disk", stdout=subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        server.close()
+        await server.wait_closed()
+        return out
+
+    assert asyncio.run(main()).strip() == b"1048576"
+
+
+def test_command_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sock = str(tmp_path / "s.sock")
+    assert nbd_server.main(["--socket", sock, "--export", "no-equals-sign"]) == 2
+    assert "expected NAME=PATH" in capsys.readouterr().err
+    assert nbd_server.main(["--socket", sock, "--export", f"x={tmp_path}/missing,ro"]) == 2
+    assert "cannot open" in capsys.readouterr().err
+    assert nbd_server.main(["--socket", sock, "--export", f"x={tmp_path}/f,bogus"]) == 2
+    assert "unknown option 'bogus'" in capsys.readouterr().err

@@ -64,10 +64,11 @@ RECV_CHUNK = 4 * 1024 * 1024
 ZERO_CHUNK = 1024 * 1024  # writing zeroes by hand when fallocate cannot
 SOCKET_BUFFER = 4 * 1024 * 1024
 REPLY_HEADROOM = nbd.SIMPLE_REPLY_SIZE  # so one send() takes a whole large READ reply
-# Why pread/pwrite run on the event loop but fdatasync does not: page-cache copies of up to 32 MiB take
-# microseconds to milliseconds, and handing them to a thread measured slower (bench/bench_nbd.py: the
-# thread hand-off and GIL ping-pong cost more than the copy), whereas fdatasync waits for the disk and
-# would stall every other connection (and whatever else shares the loop) for that long.
+# Why pread/pwrite run on the event loop but fdatasync, TRIM and WRITE_ZEROES do not: page-cache copies
+# of up to 32 MiB take microseconds to milliseconds, and handing them to a thread measured slower
+# (bench/bench_nbd.py: the thread hand-off and GIL ping-pong cost more than the copy), whereas fdatasync
+# waits for the disk and zeroing has no length cap; either would stall every other connection (and
+# whatever else shares the loop) for that long.
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -396,10 +397,10 @@ async def _serve(read_chunk: Callable[[], Awaitable[bytes]], writer: _Sink,
                             opened.release_buffer()
                 case Write() | Flush() | Trim() | WriteZeroes():
                     assert opened is not None
-                    if isinstance(event, Flush) or event.fua:
-                        error = await loop.run_in_executor(None, _do_write, opened, event)
-                    else:
+                    if isinstance(event, Write) and not event.fua:
                         error = _do_write(opened, event)
+                    else:  # may wait for the disk, or zero gigabytes (its length is not capped)
+                        error = await loop.run_in_executor(None, _do_write, opened, event)
                     writer.write(conn.send(Reply(event.handle, error)))
                 case BadRequest():
                     writer.write(conn.send(conn.reply_for(event)))

@@ -674,3 +674,31 @@ def test_round_trip_property(ops: list[Event], cut: int) -> None:
         wire += cli.send(numbered_op)
     got = feed_pieces(srv, [wire[:cut], wire[cut:]])
     assert [_plain(e) for e in got] == numbered
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=40), max_size=10),
+       ops=st.lists(st.tuples(st.sampled_from(["head", "take", "skip"]), st.integers(0, 60)), max_size=20))
+def test_receive_buffer_matches_a_flat_model(chunks: list[bytes], ops: list[tuple[str, int]]) -> None:
+    """The chunked receive buffer (views, partial joins) behaves exactly like one flat bytearray."""
+    buf = nbd._ReceiveBuffer()
+    model = bytearray()
+    for chunk in chunks:
+        if chunk:
+            buf.append(chunk)
+            model += chunk
+    for op, size in ops:
+        if op == "skip":
+            assert buf.skip(size) == min(size, len(model))
+            del model[:size]
+        elif op == "head":
+            got = buf.head(size)
+            assert (None if got is None else bytes(got)) == (bytes(model[:size]) if size <= len(model) else None)
+        else:
+            got = buf.take(size)
+            want = bytes(model[:size]) if size <= len(model) else None
+            assert (None if got is None else bytes(got)) == want
+            if want is not None:
+                del model[:size]
+        assert len(buf) == len(model)
+    assert buf.dump() == bytes(model)

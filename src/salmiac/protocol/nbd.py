@@ -662,10 +662,15 @@ class _ReceiveBuffer:
             return b""
         first = self._chunks[0]
         if len(first) < size:
+            # Join only the bytes asked for: the chunk that completes a header often carries a large
+            # payload, which stays where it is and can still be handed out as a view.
             parts: list[Chunk] = []
             got = 0
             while got < size:
                 part = self._chunks.popleft()
+                if got + len(part) > size:
+                    self._chunks.appendleft(memoryview(part)[size - got :])
+                    part = memoryview(part)[: size - got]
                 parts.append(part)
                 got += len(part)
             first = b"".join(parts)

@@ -655,7 +655,8 @@ class _ReceiveBuffer:
         self._len += len(chunk)
 
     def head(self, size: int) -> Chunk | None:
-        """The first ``size`` bytes, contiguous, not consumed; None if fewer are buffered."""
+        """Contiguous bytes from the read position, at least ``size`` of them (maybe more: callers
+        ``unpack_from`` the prefix), not consumed; None if fewer are buffered."""
         if self._len < size:
             return None
         if not size:

@@ -410,3 +410,36 @@ def test_mode_and_publish_errors() -> None:
             parse_publish(bad)
     with pytest.raises(RequestError, match="published mode"):
         NetRelay("transparent", "eth0", [PortMapping(1, 2)])
+
+
+PORT_READ = """
+import sys, time
+from salmiac.framepump import PacketPort
+from salmiac.protocol.frames import FrameDecoder, FrameEncoder
+port = PacketPort("p0", rx_ring=sys.argv[1] == "ring")
+print("ring" if port._ring is not None else "recvmsg", flush=True)
+enc, buf, got = FrameEncoder(), memoryview(bytearray(1 << 16)), []
+deadline = time.monotonic() + 10
+while len(got) < 3 and time.monotonic() < deadline:
+    n = port.read_into(buf, enc)
+    dec = FrameDecoder()
+    dec.receive_data(buf[:n])
+    got += [f for f in dec.frames() if f[12:14] == b"\\x08\\x00" and f[23] == 1]
+print(len(got), enc.stats.frames >= 3)
+"""
+
+
+@pytest.mark.parametrize("mode", ["ring", "recvmsg"])
+def test_packet_port_reads_framed_records(tmp_path: Path, mode: str) -> None:
+    """Both receive paths (TPACKET_V2 ring and recvmsg fallback) frame what arrives on the uplink."""
+    t = Topology(tmp_path, start_enclave=False)
+    try:
+        t.relay.terminate()
+        t.relay.wait(timeout=10)
+        reader = t.spawn(t.parent, PY, "-c", PORT_READ, mode, log="port.log")
+        wait_until(lambda: t.log("port.log").startswith(mode), what="port open")
+        t.ns(t.client, "ping", "-c", "3", "-i", "0.2", "-W", "1", PARENT_IP, check=False)
+        reader.wait(timeout=15)
+        assert t.log("port.log").split() == [mode, "3", "True"]
+    finally:
+        t.close()

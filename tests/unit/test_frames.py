@@ -155,3 +155,17 @@ def test_arbitrary_bytes_never_crash_and_stay_bounded(data: bytes, max_frame: in
     dec.receive_data(b"")
     dec.frames()
     assert dec.next_frame() is CLOSED
+
+
+def test_seal_in_place_matches_encode() -> None:
+    from salmiac.protocol.frames import LENGTH_SIZE
+
+    enc, ref = FrameEncoder(max_frame=1514), FrameEncoder(max_frame=1514)
+    payloads = [frame(60), b"", frame(1515), frame(14), b"abc"]
+    buf = bytearray(10_000)
+    pos = 0
+    for p in payloads:
+        buf[pos + LENGTH_SIZE : pos + LENGTH_SIZE + len(p)] = p
+        pos = enc.seal(buf, pos, len(p))
+    assert bytes(buf[:pos]) == ref.encode(payloads)
+    assert enc.stats == ref.stats

@@ -231,6 +231,21 @@ class FrameEncoder:
             stats.bytes += length
         return b"".join(parts)
 
+    def seal(self, buf: bytearray | memoryview, pos: int, length: int) -> int:
+        """In-place framing for drivers that read frames straight into their send buffer (readv style).
+
+        The caller has put a ``length``-byte payload at ``buf[pos + LENGTH_SIZE:]``; if the frame is
+        acceptable its length is written at ``pos`` and the position after it is returned, otherwise it
+        is counted as dropped and ``pos`` is returned so the next frame overwrites it.
+        """
+        if length < MIN_FRAME or length > self.max_frame:
+            self._count_bad(length)
+            return pos
+        _LENGTH.pack_into(buf, pos, length)
+        self.stats.frames += 1
+        self.stats.bytes += length
+        return pos + LENGTH_SIZE + length
+
     def _count_bad(self, length: int) -> None:
         if length == 0:
             self.stats.dropped_empty += 1

@@ -81,7 +81,9 @@ class BuiltEif:
     unpacked_bytes: int
 
 
-def app_config_for(image: ImageConfig, req: ConversionRequest, image_name: str, image_digest: str) -> AppConfig:
+def app_config_for(image: ImageConfig, req: ConversionRequest, image_id: str) -> AppConfig:
+    """The measured app config. It names the image by its ID (config digest), not by where it was read
+    from, so the same image gives the same PCRs from a registry, an OCI layout or a docker-archive."""
     opts = req.converter_options
     entrypoint = list(opts.entry_point) if opts.entry_point is not None else list(image.entrypoint or [])
     cmd = list(opts.entry_point_args) if opts.entry_point_args is not None else list(image.cmd or [])
@@ -96,8 +98,7 @@ def app_config_for(image: ImageConfig, req: ConversionRequest, image_name: str, 
         exposed_ports=sorted(image.exposed_ports or []),
         overlay_persistence=opts.enable_overlay_filesystem_persistence,
         allow_cmdline_args=opts.allow_cmdline_args,
-        image_name=image_name,
-        image_digest=image_digest,
+        image_digest=image_id,
     )
 
 
@@ -160,10 +161,10 @@ def build_bootstrap_ramdisk(cache: Path, kernel: KernelBundle, dst: Path) -> int
 
 
 def build_eif(req: ConversionRequest, source_config: ImageConfig, tree: Tree, *, image_name: str,
-              image_digest: str, workdir: Path, cache: Path, progress: Progress) -> BuiltEif:
+              image_id: str, workdir: Path, cache: Path, progress: Progress) -> BuiltEif:
     kernel = ensure_kernel(cache / "kernel")
     progress.note(f"kernel {kernel.version}")
-    app = app_config_for(source_config, req, image_name, image_digest)
+    app = app_config_for(source_config, req, image_id)
     boot_rd = workdir / "bootstrap.rd"
     app_rd = workdir / "app.rd"
     progress.note("building the enclave base ramdisk")
@@ -171,7 +172,7 @@ def build_eif(req: ConversionRequest, source_config: ImageConfig, tree: Tree, *,
     progress.note("building the app ramdisk")
     unpacked += build_app_ramdisk(tree, app, app_rd)
     metadata = EifMetadata(
-        image_name=image_name, image_version=image_digest.removeprefix("sha256:") or "unknown",
+        image_name=image_name, image_version=image_id.removeprefix("sha256:") or "unknown",
         build_epoch=build_epoch_from_env(),
     ).with_kernel_config(kernel.config)
     eif_path = workdir / EIF_NAME
@@ -348,7 +349,7 @@ def convert(req: ConversionRequest, *, cache_dir: Path | None = None, progress: 
             tree = flatten(layer_streams())
             try:
                 eif = build_eif(req, source.config, tree, image_name=req.input_image.name,
-                                image_digest=source.manifest_digest, workdir=workdir, cache=cache,
+                                image_id=source.manifest.config.digest, workdir=workdir, cache=cache,
                                 progress=progress)
             finally:
                 tree.close()

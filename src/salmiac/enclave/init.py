@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from salmiac import __version__
 from salmiac.enclave import channel, sysutil
-from salmiac.enclave.appspec import AppSpecError, build_process_spec
+from salmiac.enclave.appspec import AppSpecError, build_process_spec, resolve_in_root
 from salmiac.enclave.supervisor import CGROUP_ROOT, Supervisor
 from salmiac.protocol import control
 from salmiac.protocol.appconfig import APP_CONFIG_PATH, ROOTFS_IN_INITRAMFS, AppConfig
@@ -69,17 +69,22 @@ class ParentLink:
                 return event
             self.conn.receive_data(self.ch.read())
 
-    def pump(self) -> list[control.Message]:
-        """Non-blocking-ish: read once (the fd is readable) and return complete messages."""
-        self.conn.receive_data(self.ch.read())
+    def pump(self) -> tuple[list[control.Message], bool]:
+        """Read once (the fd is readable); the complete messages, and whether the channel is finished
+        (EOF, or a protocol violation by the parent, which is logged: either way nothing more is read)."""
         out: list[control.Message] = []
-        while True:
-            event = self.conn.next_event()
-            if not isinstance(event, control.Message):
+        try:
+            self.conn.receive_data(self.ch.read())
+            while True:
+                event = self.conn.next_event()
                 if event is None:
-                    out.append(control.Signal(15))  # parent went away: stop the app
-                return out
-            out.append(event)
+                    return out, True
+                if not isinstance(event, control.Message):
+                    return out, False
+                out.append(event)
+        except (control.ProtocolError, OSError) as exc:
+            console(f"control channel: {exc}")
+            return out, True
 
 
 def early_mounts() -> None:
@@ -184,7 +189,7 @@ def run_app(link: ParentLink, start: control.Start, app: AppConfig) -> control.E
         runtime_env=runtime_env,
         hostname=DEFAULT_HOSTNAME,
     )
-    workdir = os.path.join(root, spec.cwd.lstrip("/"))
+    workdir = resolve_in_root(root, spec.cwd)  # symlinks in the image resolve inside its root, never out
     if not os.path.isdir(workdir):
         os.makedirs(workdir, exist_ok=True)
     sup = Supervisor(
@@ -201,13 +206,22 @@ def run_app(link: ParentLink, start: control.Start, app: AppConfig) -> control.E
         raise AppSpecError(f"exec {spec.argv[0]}: {exc.strerror}", status) from exc
 
     def on_control() -> None:
-        for msg in link.pump():
+        messages, finished = link.pump()
+        for msg in messages:
             if isinstance(msg, control.Signal):
                 sup.deliver(msg)
+        if finished:
+            # The parent went away or broke the protocol: nobody can receive the app's output or status,
+            # so stop the app as `docker stop` would.
+            sup.remove_reader(link.ch.fileno())
+            sup.deliver(control.Signal(15))
 
     sup.add_reader(link.ch.fileno(), on_control)
-    result = sup.run()
-    sup.remove_reader(link.ch.fileno())
+    try:
+        result = sup.run()
+    finally:
+        sup.remove_reader(link.ch.fileno())
+        sup.close()
     return control.Exited(result.status, result.signal)
 
 

@@ -51,10 +51,12 @@ async def run_nitro(eif: Path, *, cpus: int, memory_mib: int, debug: bool, param
         asyncio.get_running_loop().create_future()
     )
 
+    finished = asyncio.Event()
+
     async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         if not conn.done():
             conn.set_result((r, w))
-            await asyncio.Event().wait()
+            await finished.wait()  # the session owns the streams until the run is over
 
     server = await asyncio.start_server(on_connect, sock=listener)
     argv = ["run-enclave", "--eif-path", str(eif), "--cpu-count", str(cpus), "--memory", str(memory_mib)]
@@ -83,6 +85,7 @@ async def run_nitro(eif: Path, *, cpus: int, memory_mib: int, debug: bool, param
         raise RuntimeFailure(f"the enclave did not connect to the control port within {CONNECT_TIMEOUT:.0f}s") \
             from None
     finally:
+        finished.set()
         server.close()
         if enclave_id:
             with contextlib.suppress(RuntimeFailure):

@@ -7,6 +7,7 @@ import socket
 import struct
 import threading
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -103,10 +104,11 @@ class FakePort:
         self.theirs.close()
 
 
-def test_pump_both_ways_counts_and_survives_garbage() -> None:
+@pytest.mark.parametrize("threads", [True, False], ids=["two-threads", "event-loop"])
+def test_pump_both_ways_counts_and_survives_garbage(threads: bool) -> None:
     port = FakePort()
     near, far = socket.socketpair()
-    pump = FramePump(port, near, batch_bytes=1 << 17)
+    pump = FramePump(port, near, batch_bytes=1 << 17, threads=threads)
     t = threading.Thread(target=pump.run)
     t.start()
     frames = [bytes([i]) * (20 + i) for i in range(50)]

@@ -62,9 +62,12 @@ port = None
 deadline = time.monotonic() + 30
 while port is None and time.monotonic() < deadline:
     for name_file in sorted(os.listdir("/sys/class/virtio-ports")) if os.path.isdir("/sys/class/virtio-ports") else []:
-        with open(f"/sys/class/virtio-ports/{name_file}/name") as f:
-            if f.read().strip() == "@PORT@" and os.path.exists(f"/dev/{name_file}"):
-                port = f"/dev/{name_file}"
+        try:  # "name" appears only once the host has told the guest the port's name
+            with open(f"/sys/class/virtio-ports/{name_file}/name") as f:
+                if f.read().strip() == "@PORT@" and os.path.exists(f"/dev/{name_file}"):
+                    port = f"/dev/{name_file}"
+        except FileNotFoundError:
+            pass
     if port is None:
         time.sleep(0.05)
 result["port"] = port

@@ -96,8 +96,12 @@ PY_LIB = PurePosixPath("/usr/lib/python3.11")
 BASE_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib", "busybox-static", "cryptsetup-bin", "e2fsprogs")
 
 # Modules the runtime needs (virtio transport, vsock, NSM, block stack, network, filesystems, crypto used by
-# dm-crypt/cryptsetup that the kernel would otherwise request through modprobe). Built-ins in this kernel:
-# virtio_console, ext4 (+jbd2, mbcache, crc16), af_packet: asking for them is allowed and recorded.
+# dm-crypt/cryptsetup that the kernel would otherwise request through modprobe). In 6.12.118+deb12-cloud-amd64:
+#   =m  virtio_mmio (load it first: no virtio-mmio device shows up before it), virtio_rng, vsock,
+#       vmw_vsock_virtio_transport(_common), nsm, nbd, dm_mod, dm_verity, dm_crypt, dm_integrity, tun, overlay,
+#       squashfs, erofs, xts, aesni_intel, algif_skcipher, algif_hash (also virtio_net, virtio_blk if wanted)
+#   =y  virtio_console, virtio_pci, ext4 (+jbd2, mbcache, crc16), af_packet, unix, devtmpfs (not auto-mounted)
+# Asking for a built-in is allowed: it is recorded in the index as "builtin" and skipped at load time.
 DEFAULT_MODULES = (
     "virtio_mmio",
     "virtio_rng",
@@ -184,9 +188,13 @@ def build_base(
     modules: Sequence[str] = DEFAULT_MODULES,
     *,
     compression: str = DEFAULT_COMPRESSION,
+    lock: Path | None = None,
 ) -> Path:
-    """The compressed base cpio for ``kernel`` with ``modules`` (and their dependencies); cached by inputs."""
-    return build_base_report(cache_dir, kernel, modules, compression=compression).path
+    """The compressed base cpio for ``kernel`` with ``modules`` (and their dependencies); cached by inputs.
+
+    ``lock``: a deb lock file (see ``debs``) pinning the exact package versions; written on first use.
+    """
+    return build_base_report(cache_dir, kernel, modules, compression=compression, lock=lock).path
 
 
 def build_base_report(
@@ -195,13 +203,14 @@ def build_base_report(
     modules: Sequence[str] = DEFAULT_MODULES,
     *,
     compression: str = DEFAULT_COMPRESSION,
+    lock: Path | None = None,
 ) -> BaseReport:
     if compression not in COMPRESSIONS:
         raise RequestError(f"base compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}")
     check_names(modules)
     wanted = sorted({normalize(m) for m in modules})
     deb_dir = cache_dir / "debs"
-    deb_paths = debs.download_closure(BASE_PACKAGES, deb_dir)
+    deb_paths = debs.download_closure(BASE_PACKAGES, deb_dir, lock=lock)
     key = _cache_key(deb_paths, kernel, wanted, compression)
     out_dir = cache_dir / "base" / key
     suffix = {"zstd": ".zst", "gzip": ".gz", "none": ""}[compression]

@@ -81,6 +81,8 @@ _TAR_BLOCK = 512
 _CHUNK = 1 << 20
 #: zstd can turn 4 input bytes into a 128 KiB block; feeding 1 KiB at a time bounds one step to 32 MiB.
 _ZSTD_FEED = 1024
+#: gzip output per step (zlib honours a maximum, so the input step can be larger).
+_GZIP_MAX_OUT = 256 << 10
 _ZSTD_MAX_WINDOW = 1 << 27
 #: The end-of-archive check looks back at most this far; tarfile reads ahead less than one record.
 _WINDOW_BYTES = 1 << 20
@@ -297,75 +299,51 @@ class _PlainDecoder:
         return out
 
 
-class _GzipDecoder:
-    """Multi-member gzip, like Go's gzip.Reader: bytes after a member must start another member."""
+class _StreamDecoder:
+    """Shared plumbing: input consumed by offset and output served by offset, so nothing is copied twice.
 
-    compression = Compression.GZIP
+    A subclass decodes one member/frame per ``_new()`` object; bytes after a member must start another one
+    (multi-member gzip and multi-frame zstd, as Go's readers and containerd accept), and input that ends
+    inside a member is truncated.
+    """
+
+    compression: Compression
+    #: Compressed bytes offered per step; small enough that one step's output stays bounded.
+    _feed: int
 
     def __init__(self, blob: BinaryIO, head: bytes) -> None:
         self._blob = blob
         self._input = head
+        self._off = 0
         self.compressed_bytes = len(head)
-        self._zd = zlib.decompressobj(16 + zlib.MAX_WBITS)
         self._source_done = False
-
-    def read(self, size: int) -> bytes:
-        while True:
-            if self._zd.eof:
-                rest = self._zd.unused_data
-                if not rest and not self._fill():
-                    return b""
-                self._input = rest + self._input
-                self._zd = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            if not self._input and not self._fill():
-                raise ImageError("truncated gzip stream")
-            out = self._zd.decompress(self._input, size)
-            # At the end of a member the leftover is in unused_data (unconsumed_tail may repeat it).
-            self._input = b"" if self._zd.eof else self._zd.unconsumed_tail
-            if out:
-                return out
-
-    def _fill(self) -> bool:
-        if self._source_done:
-            return False
-        chunk = self._blob.read(_CHUNK)
-        if not chunk:
-            self._source_done = True
-            return False
-        self.compressed_bytes += len(chunk)
-        self._input += chunk
-        return True
-
-
-class _ZstdDecoder:
-    """Multi-frame zstd with truncation detection, fed in small steps so one step's output is bounded."""
-
-    compression = Compression.ZSTD
-
-    def __init__(self, blob: BinaryIO, head: bytes) -> None:
-        self._blob = blob
-        self._input = head
-        self.compressed_bytes = len(head)
-        self._dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
-        self._zd = self._dctx.decompressobj()
         self._pending = b""
-        self._source_done = False
+        self._pending_off = 0
+        self._member_started = False
 
     def read(self, size: int) -> bytes:
-        while not self._pending:
-            if self._zd.eof:
-                rest = self._zd.unused_data
-                if not rest and not self._input and not self._fill():
-                    return b""
-                self._input = rest + self._input
-                self._zd = self._dctx.decompressobj()
-            if not self._input and not self._fill():
-                raise ImageError("truncated zstd stream")
-            feed, self._input = self._input[:_ZSTD_FEED], self._input[_ZSTD_FEED:]
-            self._pending = self._zd.decompress(feed)
-        out, self._pending = self._pending[:size], self._pending[size:]
+        while self._pending_off >= len(self._pending):
+            if not self._step():
+                return b""
+        out = self._pending[self._pending_off : self._pending_off + size]
+        self._pending_off += len(out)
         return out
 
+    def _step(self) -> bool:
+        """Decode one bounded step into ``_pending``; False at a proper end of the stream."""
+        if self._off >= len(self._input) and not self._fill():
+            if self._member_started:
+                raise ImageError(f"truncated {self.compression.value} stream")
+            return False
+        self._member_started = True
+        feed = memoryview(self._input)[self._off : self._off + self._feed]
+        self._pending, leftover, ended = self._decode(feed)
+        self._pending_off = 0
+        self._off += len(feed) - leftover
+        if ended:
+            self._member_started = False
+        return True
+
     def _fill(self) -> bool:
         if self._source_done:
             return False
@@ -374,8 +352,48 @@ class _ZstdDecoder:
             self._source_done = True
             return False
         self.compressed_bytes += len(chunk)
-        self._input += chunk
+        self._input = self._input[self._off :] + chunk
+        self._off = 0
         return True
+
+    def _decode(self, feed: memoryview) -> tuple[bytes, int, bool]:
+        """(output, input bytes not consumed, member ended)."""
+        raise NotImplementedError
+
+
+class _GzipDecoder(_StreamDecoder):
+    compression = Compression.GZIP
+    _feed = 64 << 10
+
+    def __init__(self, blob: BinaryIO, head: bytes) -> None:
+        super().__init__(blob, head)
+        self._zd = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def _decode(self, feed: memoryview) -> tuple[bytes, int, bool]:
+        out = self._zd.decompress(feed, _GZIP_MAX_OUT)
+        if self._zd.eof:
+            leftover = len(self._zd.unused_data)  # unconsumed_tail may repeat it: ignore that one
+            self._zd = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            return out, leftover, True
+        return out, len(self._zd.unconsumed_tail), False
+
+
+class _ZstdDecoder(_StreamDecoder):
+    compression = Compression.ZSTD
+    _feed = _ZSTD_FEED
+
+    def __init__(self, blob: BinaryIO, head: bytes) -> None:
+        super().__init__(blob, head)
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+        self._zd = self._dctx.decompressobj()
+
+    def _decode(self, feed: memoryview) -> tuple[bytes, int, bool]:
+        out = self._zd.decompress(feed)
+        if self._zd.eof:
+            leftover = len(self._zd.unused_data)
+            self._zd = self._dctx.decompressobj()
+            return out, leftover, True
+        return out, 0, False  # zstd keeps what it cannot decode yet inside the context
 
 
 class _Budget:

@@ -206,3 +206,26 @@ def test_docker_archive_export(busybox_image: OciImage, tmp_path: Path) -> None:
                                         capture_output=True, text=True, check=True).stdout)
     assert inspect["config"]["Cmd"] == ["/bin/sh", "-c", "echo hello from busybox; exit 3"]
     assert image_size(busybox_image).layers == 1
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+@pytest.mark.parametrize("fmt", [["--format=gnu"], ["--format=pax"], ["--format=pax", "--sparse-version=0.0"]])
+def test_gnu_tar_sparse_files_expand(fmt: list[str], tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    sparse = src / "sparse"
+    with sparse.open("wb") as f:
+        f.truncate(8 << 20)
+        f.seek(3 << 20)
+        f.write(b"middle")
+        f.seek((8 << 20) - 4)
+        f.write(b"tail")
+    layer = tmp_path / "layer.tar"
+    subprocess.run(["tar", "--sparse", *fmt, "-C", str(src), "-cf", str(layer), "sparse"], check=True)
+    assert layer.stat().st_size < 1 << 20  # really stored sparse
+    flattener = Flattener()
+    with layer.open("rb") as blob:
+        flattener.apply_layer(blob, "sha256:" + hashlib.sha256(layer.read_bytes()).hexdigest())
+    data = flattener.tree[PurePosixPath("/sparse")].data
+    assert data is not None and data.read() == sparse.read_bytes()
+    flattener.tree.close()

@@ -541,3 +541,28 @@ def test_tree_stats() -> None:
     assert (st.entries, st.files, st.dirs, st.symlinks, st.others, st.file_bytes, st.symlink_bytes) == (
         6, 2, 2, 1, 1, 5, 3)
     assert st.estimate_fs_bytes() > st.file_bytes
+
+
+class Trickle(io.RawIOBase):
+    """A blob that returns at most ``step`` bytes per read, like a slow socket."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._data, self._pos, self._step = data, 0, step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self._step, len(self._data) - self._pos)
+        buffer[:n] = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+@pytest.mark.parametrize("step", [1, 3, 511, 4097])
+@pytest.mark.parametrize("encode", [lambda b: b, gzip.compress, zstandard.ZstdCompressor().compress, _zstd_multi])
+def test_short_reads_from_the_blob(step: int, encode: Any) -> None:
+    flattener = Flattener()
+    info = flattener.apply_layer(Trickle(encode(LAYER), step), diff_id(LAYER))  # type: ignore[arg-type]
+    assert info.diff_id == diff_id(LAYER)
+    assert snapshot(flattener.tree) == snapshot(run(LAYER))

@@ -7,12 +7,16 @@ The fixture images themselves are checked by running them under chroot (busybox,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import random
 import shutil
 import stat
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path, PurePosixPath
@@ -29,6 +33,7 @@ from fixtures.images import (
     docker_archive,
     image_size,
 )
+from salmiac.errors import ImageError
 from salmiac.image.flatten import Compression, Flattener
 from salmiac.image.tarout import write_tar
 from salmiac.image.tree import Kind, Tree
@@ -229,3 +234,73 @@ def test_gnu_tar_sparse_files_expand(fmt: list[str], tmp_path: Path) -> None:
     data = flattener.tree[PurePosixPath("/sparse")].data
     assert data is not None and data.read() == sparse.read_bytes()
     flattener.tree.close()
+
+
+# --- differential: seeded random layers, umoci unpack vs flatten -------------------------------------------
+
+_NAMES = ["a", "b", "c"]
+_LINK_TARGETS = ["a", "/b", "../c", "a/b", "/a/../c", "b/c"]
+
+
+def _random_layer(rng: random.Random, kinds: str) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for _ in range(rng.randint(1, 8)):
+            parts = [rng.choice(_NAMES) for _ in range(rng.randint(1, 2))]
+            kind = rng.choice(kinds)
+            if kind == "w":
+                parts[-1] = ".wh." + parts[-1]
+            if kind == "o":
+                parts.append(".wh..wh..opq")
+            info = tarfile.TarInfo("/".join(parts))
+            info.mtime, info.mode = 1, rng.choice([0o755, 0o644, 0o700])
+            if kind == "d":
+                info.type = tarfile.DIRTYPE
+            elif kind == "l":
+                info.type, info.linkname = tarfile.SYMTYPE, rng.choice(_LINK_TARGETS)
+            elif kind == "h":
+                info.type = tarfile.LNKTYPE
+                info.linkname = "/".join(rng.choice(_NAMES) for _ in range(rng.randint(1, 2)))
+            data = f"{info.name} {rng.random()}".encode() if info.type == tarfile.REGTYPE else b""
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def _base_layer() -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for n in _NAMES:
+            info = tarfile.TarInfo(n)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(info)
+            for m in _NAMES:
+                info = tarfile.TarInfo(f"{n}/{m}")
+                info.size, info.mode = 2, 0o644
+                tf.addfile(info, io.BytesIO(b"xx"))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("kinds", "seeds"), [("fffddlhwwo", range(0, 40)), ("fdlllwwoo", range(100, 140))])
+def test_random_layers_agree_with_umoci(kinds: str, seeds: range, tmp_path: Path) -> None:
+    """Same tree when both succeed; both refuse when one does (hardlink to a missing path, file as parent)."""
+    for seed in seeds:
+        rng = random.Random(seed)
+        work = tmp_path / str(seed)
+        layout = work / "oci"
+        subprocess.run(["umoci", "init", "--layout", str(layout)], check=True, capture_output=True)
+        subprocess.run(["umoci", "new", "--image", f"{layout}:t"], check=True, capture_output=True)
+        for i, blob in enumerate([_base_layer()] + [_random_layer(rng, kinds) for _ in range(rng.randint(1, 3))]):
+            (work / f"{i}.tar").write_bytes(blob)
+            subprocess.run(["umoci", "raw", "add-layer", "--image", f"{layout}:t", str(work / f"{i}.tar")],
+                           check=True, capture_output=True)
+        image = OciImage(layout, "t")
+        theirs: dict[str, tuple[Any, ...]] | None = None
+        ours: dict[str, tuple[Any, ...]] | None = None
+        with contextlib.suppress(subprocess.CalledProcessError):
+            theirs = host_snapshot(unpack(image, work / "bundle"))
+        with contextlib.suppress(ImageError), flattened(image) as (tree, _):
+            ours = tree_snapshot(tree)
+        assert (ours is None) == (theirs is None), f"seed {seed}: only {'ours' if ours is None else 'umoci'} failed"
+        if ours is not None and theirs is not None:
+            assert {p: v for p, v in ours.items() if p != "/"} == {p: v for p, v in theirs.items() if p != "/"}, seed

@@ -273,9 +273,11 @@ def test_hardlink_survives_later_rewrite_of_target_with_old_content() -> None:
     assert (content(tree, "/a"), content(tree, "/b")) == (b"new", b"old")
 
 
-def test_hardlink_to_itself_changes_nothing() -> None:
-    tree = run([E("a", data=b"A"), E("a", "h", link="a")])
-    assert content(tree, "/a") == b"A"
+@pytest.mark.parametrize("layers", [[[E("a", data=b"A"), E("a", "h", link="a")]],
+                                    [[E("d/f", data=b"F")], [E("d", "h", link="d/f")]]])
+def test_hardlink_to_what_replacing_the_link_removes_is_refused_like_umoci(layers: list[list[E]]) -> None:
+    with pytest.raises(ImageError, match="is removed by replacing the link itself"):
+        run(*layers)
 
 
 def test_hardlink_to_symlink_copies_it() -> None:

@@ -658,9 +658,9 @@ class _LayerApplier:
             raise ImageError(f"hardlink target {_show(unsafe_target)} does not exist")
         if target.kind is Kind.DIR:
             raise ImageError(f"hardlink target {_show(unsafe_target)} is a directory")
-        if target_path == path:
-            self._touch(path)  # a link to itself changes nothing
-            return
+        if target_path == path or path in target_path.parents:
+            # Extractors (umoci, containerd) remove the old path before link(2): the target is gone by then.
+            raise ImageError(f"hardlink target {_show(unsafe_target)} is removed by replacing the link itself")
         # Same FileData object = same inode; the header's own metadata is ignored, as link(2) would.
         self._put(path, dataclasses.replace(target, xattrs=dict(target.xattrs)))
 

@@ -25,7 +25,8 @@ Per entry (OCI image-spec "Applying changesets"; umoci ``tar_extract.go`` / cont
 - A directory over a directory keeps the children and takes the new metadata; any other combination
   replaces the old path (a directory replaced by a file loses its children). The root stays a directory.
 - Hard links share ``FileData`` with their target, also across layers; the target's parent is resolved
-  like any parent, its last component is not followed. A missing target or a directory is an error.
+  like any parent, its last component is not followed. A missing target, a directory, or a target that
+  replacing the link's own path removes (``a -> a``, ``d -> d/f``) is an error, as in umoci/containerd.
   Links to symlinks, devices and fifos become independent copies (the tree only models file inodes).
 - Missing parents are created (0755, root:root, mtime 0); a parent that exists and is not a directory
   is an error. Devices and fifos are kept as entries only. ``SCHILY.xattr.*`` records become xattrs.

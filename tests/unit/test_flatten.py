@@ -379,6 +379,9 @@ def test_root_metadata_can_change() -> None:
         (E("n" * 300), "name component longer than 255"),
         (E("n" * 300 + "/f"), "name component longer than 255"),
         (E(".wh.a/b"), "whiteout name used as a directory"),
+        (E("x", pax={"path": "a\0b"}), "NUL byte in name"),
+        (E("x", "h", pax={"linkpath": "a\0b"}), "NUL byte in name"),
+        (E("x", pax={"SCHILY.xattr.user.a\0b": "v"}), "bad xattr name"),
     ],
 )
 def test_bad_entries(entry: E, message: str) -> None:

@@ -567,6 +567,8 @@ class _LayerApplier:
             raise ImageError(f"entry {_show(member.name)}: {exc}") from exc
 
     def _apply(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        if "\0" in member.name or "\0" in member.linkname:
+            raise ImageError("NUL byte in name")  # PAX records can carry one; Go's archive/tar refuses them too
         lexical = clean_name(member.name)
         if lexical == ROOT:
             if member.type != tarfile.DIRTYPE:
@@ -767,7 +769,7 @@ def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
             continue
         name = key[len(_XATTR_PREFIX) :]
         value = member.pax_headers[key].encode("utf-8", "surrogateescape")
-        if not name or len(name.encode("utf-8", "surrogateescape")) > XATTR_NAME_MAX:
+        if not name or "\0" in name or len(name.encode("utf-8", "surrogateescape")) > XATTR_NAME_MAX:
             raise ImageError(f"bad xattr name {_show(name)}")
         if len(value) > XATTR_VALUE_MAX:
             raise ImageError(f"xattr {_show(name)} larger than {XATTR_VALUE_MAX} bytes")

@@ -531,10 +531,15 @@ class _TreeIndex:
         for path in tree.entries:
             if path != ROOT:
                 self.children[path.parent].add(path)
+        #: lexical directory -> resolved directory. Resolution depends only on which paths are symlinks
+        #: (missing components resolve lexically), so the cache is dropped whenever a symlink comes or goes.
+        self.resolved: dict[PurePosixPath, PurePosixPath] = {}
 
     def put(self, path: PurePosixPath, entry: Entry) -> None:
         self.tree.entries[path] = entry
         self.children[path.parent].add(path)
+        if entry.kind is Kind.SYMLINK:
+            self.resolved.clear()
 
     def remove(self, path: PurePosixPath) -> None:
         """Remove ``path`` and everything below it."""
@@ -542,7 +547,9 @@ class _TreeIndex:
         stack = [path]
         while stack:
             p = stack.pop()
-            self.tree.entries.pop(p, None)
+            entry = self.tree.entries.pop(p, None)
+            if entry is not None and entry.kind is Kind.SYMLINK:
+                self.resolved.clear()
             stack.extend(self.children.pop(p, ()))
 
     def list_children(self, path: PurePosixPath) -> list[PurePosixPath]:
@@ -617,6 +624,12 @@ class _LayerApplier:
 
     def resolve_dir(self, lexical: PurePosixPath) -> PurePosixPath:
         """Resolve a directory path inside the tree as the kernel would in the rootfs, never above ``/``."""
+        resolved = self.index.resolved.get(lexical)
+        if resolved is None:
+            resolved = self.index.resolved[lexical] = self._resolve_dir(lexical)
+        return resolved
+
+    def _resolve_dir(self, lexical: PurePosixPath) -> PurePosixPath:
         pending = collections.deque(lexical.parts[1:])
         current = ROOT
         follows = 0
@@ -691,6 +704,9 @@ class _LayerApplier:
         self._touch(path)
 
     def _make_parents(self, directory: PurePosixPath) -> None:
+        existing = self.tree.get(directory)
+        if existing is not None and existing.kind is Kind.DIR:
+            return  # the tree keeps every entry's ancestors as directories
         current = ROOT
         for part in directory.parts[1:]:
             current = current / part

@@ -24,10 +24,10 @@ apt-get update -q
 # QEMU 10 from backports (microvm with ACPI virtio-mmio discovery); the rest from bookworm.
 apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86
 apt-get install -y -q --no-install-recommends \
-    ca-certificates curl cpio xz-utils zstd gzip openssl iproute2 nftables \
+    ca-certificates curl cpio xz-utils zstd gzip openssl iproute2 nftables ethtool iputils-ping util-linux \
     python3 python3-venv \
     skopeo umoci docker-registry apache2-utils \
-    cryptsetup-bin e2fsprogs erofs-utils squashfs-tools \
+    cryptsetup-bin e2fsprogs erofs-utils squashfs-tools squashfs-tools-ng \
     nbdkit libnbd-bin qemu-utils \
     busybox-static iperf3 redis-server redis-tools nginx-light dnsmasq-base sqlite3
 

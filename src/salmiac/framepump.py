@@ -350,7 +350,44 @@ class _RxRing:
         return cls(mm, memoryview(mm), slot, nslots)
 
 
-def _grow_buffers(sock: socket.socket) -> None:
+class FdStream:
+    """A byte stream on a file descriptor that is not a socket (a virtio-serial port), with the few socket
+    methods the pump uses. There is no half-close: ``shutdown`` does nothing and the owner closes the fd."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def setblocking(self, flag: bool) -> None:
+        os.set_blocking(self._fd, flag)
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        return os.write(self._fd, data)
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def recv_into(self, buf: memoryview) -> int:
+        return os.readv(self._fd, [buf])
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+Stream = socket.socket | FdStream
+
+
+def _grow_buffers(stream: Stream) -> None:
+    if not isinstance(stream, socket.socket):
+        return  # a character device has its own fixed queue
+    sock = stream
     for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
@@ -385,7 +422,7 @@ class FramePump:
     def __init__(
         self,
         port: FramePort,
-        stream: socket.socket,
+        stream: Stream,
         *,
         max_frame: int = MAX_FRAME,
         batch_bytes: int = 256 << 10,

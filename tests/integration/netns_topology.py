@@ -143,7 +143,7 @@ class Topology:
         self.enclave_proc = self.spawn(
             self.enclave, "unshare", "--uts", PY, "-m", "salmiac.enclave.network", "--config", str(self.offer_file),
             "--connect", f"unix:{self.sock}", "--root", str(self.root), "--ready-file", str(ready),
-            "--stats-file", str(self.enclave_stats), log="enclave.log",
+            "--stats-file", str(self.enclave_stats), "--ip", "busybox ip", log="enclave.log",
         )  # fmt: skip
         wait_until(lambda: ready.exists() or self.enclave_proc.poll() is not None, what="enclave network")
         if not ready.exists():

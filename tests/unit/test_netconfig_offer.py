@@ -59,14 +59,18 @@ def test_offers_are_valid_and_roundtrip() -> None:
     t = offer_transparent(uplink, names)
     assert t.mac == uplink.mac and t.ipv4 == uplink.address and t.local_port_range == ENCLAVE_PORTS
     assert NetworkConfig.from_dict(t.to_dict()) == t
-    p = offer_published(PRIVATE_SUBNETS[0], 1500, names)
+    p = offer_published(IPv4Network("100.127.254.0/30"), 1500, names)
     assert str(p.ipv4) == "100.127.254.2/30" and str(p.gateway) == "100.127.254.1"
     assert int(p.mac[:2], 16) & 0b11 == 0b10  # locally administered unicast
     assert NetworkConfig.from_dict(p.to_dict()) == p
 
 
 def test_private_subnet_avoids_parent_networks() -> None:
-    assert choose_private_subnet([IPv4Network("100.64.0.0/10")]) == PRIVATE_SUBNETS[1]
+    assert choose_private_subnet([]) == IPv4Network("100.127.254.0/30")
+    assert choose_private_subnet([IPv4Network("100.64.0.0/10")]) == IPv4Network("10.254.254.0/30")
+    # a second enclave on the same host: the first one's link is in use, the next /30 is taken
+    assert choose_private_subnet([IPv4Network("100.127.254.0/30")]) == IPv4Network("100.127.254.4/30")
+    assert all(pool.prefixlen == 24 for pool in PRIVATE_SUBNETS)
     with pytest.raises(RelayError):
         choose_private_subnet([IPv4Network("0.0.0.0/0")])
 
@@ -75,8 +79,10 @@ def test_rules_text() -> None:
     r = transparent_rules("eth0")
     assert 'iifname "eth0" meta nfproto ipv4 meta l4proto { tcp, udp } th dport 32768-49151 accept' in r
     pub = published_rules(
-        "salmiac-pub0", IPv4Address("100.127.254.2"), PRIVATE_SUBNETS[0], [PortMapping(8080, 80, "tcp")]
+        "salmiac-0a1b2c", IPv4Address("100.127.254.2"), IPv4Network("100.127.254.0/30"),
+        [PortMapping(8080, 80, "tcp")], table="salmiac_0a1b2c",
     )
+    assert pub.startswith("table ip salmiac_0a1b2c {")
     assert "tcp dport 8080 dnat to 100.127.254.2:80" in pub
     assert "masquerade" in pub
     with pytest.raises(RequestError):

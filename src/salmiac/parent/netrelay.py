@@ -40,7 +40,7 @@ transparent (default, as in Fortanix Salmiac)
     ``ip_forward`` in published mode) and the nftables table are restored/removed by ``close()``.
 
 published
-    Like ``docker run -p``: the enclave lives on a private /30 behind a TAP in the parent (``salmiac-pub0``);
+    Like ``docker run -p``: the enclave lives on a private /30 behind a TAP in the parent (``salmiac-<tag>``);
     the parent routes (ip_forward), masquerades the enclave's outbound traffic, and DNATs each published
     ``HOST:ENCLAVE[/proto]`` port on its local addresses to the enclave. Only DNAT, no SNAT inbound, so the
     app sees the client's real address. Forwarding into the TAP is limited to DNATed flows and replies.
@@ -91,10 +91,11 @@ PARENT_PORTS = (32768, 49151)
 """Ephemeral ports of the parent's kernel in transparent mode (its own outbound connections)."""
 ENCLAVE_PORTS = (49152, 65535)
 """Ephemeral ports of the enclave in transparent mode."""
-PUBLISHED_TAP = "salmiac-pub0"
-PRIVATE_SUBNETS = (IPv4Network("100.127.254.0/30"), IPv4Network("10.254.254.0/30"), IPv4Network("192.168.254.0/30"))
-"""Candidates for the published-mode link; the first that overlaps nothing on the parent is used."""
-NFT_TABLE = "salmiac"
+PRIVATE_SUBNETS = (IPv4Network("100.127.254.0/24"), IPv4Network("10.254.254.0/24"), IPv4Network("192.168.254.0/24"))
+"""Where published-mode links come from: the first /30 in them that overlaps nothing on the parent is used
+(so concurrent runs on one host get distinct links)."""
+NFT_TABLE_PREFIX = "salmiac"
+TAP_PREFIX = "salmiac-"
 MAX_PUBLISHED = 64
 
 
@@ -260,9 +261,10 @@ def offer_transparent(uplink: Uplink, names: NameSettings) -> NetworkConfig:
 
 def choose_private_subnet(in_use: Iterable[IPv4Network]) -> IPv4Network:
     used = list(in_use)
-    for candidate in PRIVATE_SUBNETS:
-        if not any(candidate.overlaps(u) for u in used):
-            return candidate
+    for pool in PRIVATE_SUBNETS:
+        for candidate in pool.subnets(new_prefix=30):
+            if not any(candidate.overlaps(u) for u in used):
+                return candidate
     raise RelayError("published mode: every private /30 candidate overlaps a parent network")
 
 
@@ -290,9 +292,9 @@ def _quote(ifname: str) -> str:
     return f'"{ifname}"'
 
 
-def transparent_rules(uplink: str, keep: tuple[int, int] = PARENT_PORTS) -> str:
+def transparent_rules(uplink: str, keep: tuple[int, int] = PARENT_PORTS, table: str = NFT_TABLE_PREFIX) -> str:
     up = _quote(uplink)
-    return f"""table inet {NFT_TABLE} {{
+    return f"""table inet {table} {{
   chain input {{
     type filter hook input priority filter - 10; policy accept;
     iifname {up} meta nfproto ipv4 meta l4proto {{ tcp, udp }} th dport {keep[0]}-{keep[1]} accept
@@ -302,12 +304,14 @@ def transparent_rules(uplink: str, keep: tuple[int, int] = PARENT_PORTS) -> str:
 """
 
 
-def published_rules(tap: str, enclave_ip: IPv4Address, subnet: IPv4Network, ports: Sequence[PortMapping]) -> str:
+def published_rules(
+    tap: str, enclave_ip: IPv4Address, subnet: IPv4Network, ports: Sequence[PortMapping], table: str = NFT_TABLE_PREFIX
+) -> str:
     t = _quote(tap)
     dnat = "\n".join(
         f"    fib daddr type local {p.proto} dport {p.host_port} dnat to {enclave_ip}:{p.enclave_port}" for p in ports
     )
-    return f"""table ip {NFT_TABLE} {{
+    return f"""table ip {table} {{
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname {t} return
@@ -331,8 +335,8 @@ def published_rules(tap: str, enclave_ip: IPv4Address, subnet: IPv4Network, port
 """
 
 
-def nft_apply(ruleset: str) -> None:
-    nft_delete()
+def nft_apply(ruleset: str, table: str) -> None:
+    nft_delete(table)
     try:
         subprocess.run(["nft", "-f", "-"], input=ruleset, text=True, check=True, capture_output=True)
     except FileNotFoundError as exc:
@@ -341,9 +345,20 @@ def nft_apply(ruleset: str) -> None:
         raise RelayError(f"nft: {exc.stderr.strip().splitlines()[-1] if exc.stderr else exc}") from exc
 
 
-def nft_delete() -> None:
+def nft_delete(table: str) -> None:
     for family in ("inet", "ip"):
-        subprocess.run(["nft", "delete", "table", family, NFT_TABLE], capture_output=True, check=False)
+        with contextlib.suppress(FileNotFoundError):
+            subprocess.run(["nft", "delete", "table", family, table], capture_output=True, check=False)
+
+
+def other_relay_tables(own: str) -> list[str]:
+    """nftables tables of other salmiac relays running on this host (their sysctls must stay as they are)."""
+    try:
+        out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False).stdout
+    except FileNotFoundError:
+        return []
+    names = [line.split()[-1] for line in out.splitlines() if line.startswith("table ")]
+    return [n for n in names if n.startswith(NFT_TABLE_PREFIX) and n != own]
 
 
 def _sysctl(path: str, value: str) -> str | None:
@@ -384,6 +399,9 @@ class NetRelay:
         self.port: FramePort | None = None
         self.pump: FramePump | None = None
         self._restore: list[tuple[str, str]] = []
+        tag = secrets.token_hex(3)  # distinct names: several enclaves may run on one host
+        self.table = f"{NFT_TABLE_PREFIX}_{tag}"
+        self.tap_name = f"{TAP_PREFIX}{tag}"
 
     def setup(self) -> NetworkConfig:
         try:
@@ -392,18 +410,18 @@ class NetRelay:
                 self.offer = offer_transparent(uplink, self.names)
                 _disable_offloads(uplink.ifname)
                 self._set("net/ipv4/ip_local_port_range", f"{PARENT_PORTS[0]} {PARENT_PORTS[1]}")
-                nft_apply(transparent_rules(uplink.ifname))
+                nft_apply(transparent_rules(uplink.ifname, table=self.table), self.table)
                 self.port = PacketPort(uplink.ifname, self._max_frame(uplink.mtu), keep_port_range=PARENT_PORTS)
             else:
                 subnet = choose_private_subnet(self._networks_in_use())
                 self.offer = offer_published(subnet, uplink.mtu, self.names)
                 parent_ip = self.offer.gateway
                 assert parent_ip is not None  # offer_published always sets it
-                fd = open_tap(PUBLISHED_TAP)
+                fd = open_tap(self.tap_name)
                 self.port = TapPort(fd, self._max_frame(uplink.mtu))
                 self._configure_tap(IPv4Interface(f"{parent_ip}/{subnet.prefixlen}"), uplink.mtu)
                 self._set("net/ipv4/ip_forward", "1")
-                nft_apply(published_rules(PUBLISHED_TAP, self.offer.ipv4.ip, subnet, self.publish))
+                nft_apply(published_rules(self.tap_name, self.offer.ipv4.ip, subnet, self.publish, self.table), self.table)
         except NetConfigError as exc:
             self.close()
             raise RelayError(f"the parent's own network cannot be offered to the enclave: {exc}") from exc
@@ -431,7 +449,9 @@ class NetRelay:
         return self.pump.stats.as_dict(self.port)
 
     def close(self) -> None:
-        nft_delete()
+        nft_delete(self.table)
+        if other_relay_tables(self.table):
+            self._restore.clear()  # another relay still relies on these settings; the last one restores
         for path, old in reversed(self._restore):
             with contextlib.suppress(RelayError):
                 _sysctl(path, old)
@@ -465,7 +485,7 @@ class NetRelay:
         from pyroute2.iproute.linux import IPRoute
 
         with IPRoute() as ipr:
-            (idx,) = ipr.link_lookup(ifname=PUBLISHED_TAP)
+            (idx,) = ipr.link_lookup(ifname=self.tap_name)
             ipr.link("set", index=idx, mtu=mtu)
             ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
             ipr.link("set", index=idx, state="up")

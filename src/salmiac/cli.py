@@ -10,9 +10,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from salmiac import __version__
 from salmiac.errors import RequestError, SalmiacError
+
+if TYPE_CHECKING:
+    from salmiac.parent.netrelay import NetRelay
 
 log = logging.getLogger("salmiac")
 
@@ -49,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--memory", help="enclave memory, e.g. 4096M (default from the image, env MEM_SIZE)")
     r.add_argument("--debug", action="store_true", help="debug mode: show the enclave console")
     r.add_argument("--console-log", type=Path, help="keep the emulated guest console in this file")
+    r.add_argument("--network", choices=["auto", "transparent", "published", "none"], default="auto",
+                   help="enclave networking: transparent (the enclave takes the parent's address; auto on Nitro), "
+                        "published (NAT, only -p ports inbound; auto in emulation), none (auto without root)")
+    r.add_argument("-p", "--publish", action="append", default=[], metavar="HOST:ENCLAVE[/udp]",
+                   help="publish an enclave port on the parent, like docker run -p (published mode)")
+    r.add_argument("--uplink", help="the parent's interface to relay (default: that of the default route)")
+    r.add_argument("--dns", action="append", default=None, metavar="ADDRESS",
+                   help="nameserver for the enclave (default: the parent's resolv.conf, loopback ones left out)")
+    r.add_argument("--hostname", help="the enclave's hostname (default: the parent's)")
     add_tls(r)
     r.add_argument("rest", nargs=argparse.REMAINDER, metavar="IMAGE [ARGS...]")
 
@@ -83,7 +96,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from salmiac.parent.emulator import EmulatedEnclave, EmulatorOptions
     from salmiac.parent.session import StartParams
-    from salmiac.runconfig import EIF_NAME, RUN_CONFIG_NAME, RunConfig, parse_size_mib
+    from salmiac.runconfig import RUN_CONFIG_NAME, RunConfig, parse_size_mib
 
     rest: list[str] = list(args.rest)
     if args.bundle is not None:
@@ -108,6 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cpus = args.cpus if args.cpus is not None else run_cfg.cpu_count
     memory = parse_size_mib(args.memory, "--memory") if args.memory else run_cfg.memory_mib
     params = StartParams(args=app_args or None, env=list(args.env))
+    relay = _network_relay(args, nitro=not args.emulate)
     if not args.emulate:
         if not os.path.exists("/dev/nitro_enclaves"):
             raise RequestError("this host has no /dev/nitro_enclaves: run on a Nitro Enclaves-enabled instance, "
@@ -115,11 +129,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         from salmiac.parent.nitro import run_nitro
 
         return asyncio.run(run_nitro(bundle / run_cfg.eif, cpus=cpus, memory_mib=memory,
-                                     debug=args.debug or run_cfg.debug, params=params))
+                                     debug=args.debug or run_cfg.debug, params=params, network=relay))
     opts = EmulatorOptions(cpus=cpus, memory_mib=memory, debug=args.debug or run_cfg.debug,
                            console_log=args.console_log)
-    enclave = EmulatedEnclave(bundle / EIF_NAME if run_cfg.eif == EIF_NAME else bundle / run_cfg.eif, opts, params)
+    enclave = EmulatedEnclave(bundle / run_cfg.eif, opts, params, network=relay)
     return asyncio.run(enclave.run())
+
+
+def _network_relay(args: argparse.Namespace, *, nitro: bool) -> NetRelay | None:
+    import ipaddress
+
+    from salmiac.parent.netrelay import NetworkOptions, parse_publish, relay_for
+
+    dns = None
+    if args.dns is not None:
+        try:
+            dns = tuple(ipaddress.ip_address(a) for a in args.dns)
+        except ValueError as exc:
+            raise RequestError(f"--dns: {exc}") from None
+    opts = NetworkOptions(mode=args.network, publish=tuple(parse_publish(p) for p in args.publish),
+                          uplink=args.uplink, dns=dns, hostname=args.hostname)
+    return relay_for(opts, nitro=nitro)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -72,13 +72,13 @@ EXACT: list[tuple[Message, bytes]] = [
         ),
     ),
     (
-        Start(5, args=["ls", "-l"], env=["A=1"], config={"net": True}),
+        Start(5, args=["ls", "-l"], env=["A=1"], config={"network": {"mtu": True}}),
         framed(
             b"\xa5"
             + txt("env") + b"\x81" + txt("A=1")
             + txt("args") + b"\x82" + txt("ls") + txt("-l")
             + txt("type") + txt("start")
-            + txt("config") + b"\xa1" + txt("net") + b"\xf5"
+            + txt("config") + b"\xa1" + txt("network") + b"\xa1" + txt("mtu") + b"\xf5"
             + txt("time_ns") + b"\x05"
         ),
     ),
@@ -326,9 +326,11 @@ def test_unencodable_start_is_local_error_and_changes_no_state() -> None:
     par.receive_data(encode_message(Hello(1, "x")))
     par.next_event()
     with pytest.raises(LocalProtocolError):
-        par.send(Start(1, config={"x": {1, 2}}))
+        par.send(Start(1, config={"network": {"x": {1, 2}}}))
     with pytest.raises(LocalProtocolError):
-        par.send(Start(1, config={"x": "y" * MAX_CONFIG_BYTES}))
+        par.send(Start(1, config={"network": {"x": "y" * MAX_CONFIG_BYTES}}))
+    with pytest.raises(LocalProtocolError, match="unknown option 'x'"):
+        par.send(Start(1, config={"x": {}}))
     assert par.state is State.AWAIT_START
     par.send(Start(1))
     assert state_of(par) is State.RUNNING
@@ -394,7 +396,9 @@ BAD_BODIES: list[tuple[str, bytes]] = [
     ("start-env-count", body(type="start", time_ns=1, env=["A=1"] * (MAX_ENV + 1))),
     ("start-config-list", body(type="start", time_ns=1, config=[])),
     ("start-config-int-key", body(type="start", time_ns=1, config={1: 2})),
-    ("start-config-big", body(type="start", time_ns=1, config={"x": "y" * MAX_CONFIG_BYTES})),
+    ("start-config-big", body(type="start", time_ns=1, config={"network": {"x": "y" * MAX_CONFIG_BYTES}})),
+    ("start-config-unknown", body(type="start", time_ns=1, config={"storage-backdoor": {}})),
+    ("start-config-network-list", body(type="start", time_ns=1, config={"network": []})),
     ("output-stream-0", body(type="output", stream=0, data=b"")),
     ("output-stream-3", body(type="output", stream=3, data=b"")),
     ("output-stream-bool", body(type="output", stream=True, data=b"")),

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 
+from salmiac.framepump import FdStream
 from salmiac.protocol.channels import PARENT_CID, serial_port_name
 
 VIRTIO_PORTS_SYSFS = "/sys/class/virtio-ports"
@@ -31,6 +32,10 @@ class Channel:
 
     def fileno(self) -> int:
         return self._fd
+
+    def stream(self) -> socket.socket | FdStream:
+        """The channel as the frame pump's stream: the vsock socket itself, or the serial port's fd."""
+        return self._sock if self._sock is not None else FdStream(self._fd)
 
     def read(self, size: int = 65536) -> bytes:
         while True:

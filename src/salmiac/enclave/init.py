@@ -4,7 +4,8 @@ Sequence (each step's failure is reported to the parent if the control channel i
  1. mount /dev (devtmpfs: the kernel has no DEVTMPFS_MOUNT), /proc, /sys; stdio on /dev/console
  2. detect the transport (vsock on Nitro, virtio-serial in emulation) and load only the modules it needs
  3. heartbeat (0xB7 on port 9000, as nitro-cli expects), then the control channel: Hello → Start
- 4. set the clock from Start, prepare the app rootfs (measured: it came in the initramfs)
+ 4. set the clock from Start, prepare the app rootfs (measured: it came in the initramfs), bring up the network
+    if the parent offered one (TAP salmiac0, frames over the network port; the offer is validated first)
  5. run the app under the Supervisor; send Exited with its status
  6. sync, unmount, power off
 What comes from the parent (Start) is validated in ``protocol.control`` before we see it.
@@ -16,17 +17,20 @@ import contextlib
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
+from pathlib import Path
 from typing import NoReturn
 
 from salmiac import __version__
 from salmiac.enclave import channel, sysutil
 from salmiac.enclave.appspec import AppSpecError, build_process_spec, resolve_in_root
 from salmiac.enclave.supervisor import CGROUP_ROOT, Supervisor
+from salmiac.errors import SalmiacError
 from salmiac.protocol import control
 from salmiac.protocol.appconfig import APP_CONFIG_PATH, ROOTFS_IN_INITRAMFS, AppConfig
-from salmiac.protocol.channels import CONTROL_PORT, HEARTBEAT_BYTE, HEARTBEAT_PORT
+from salmiac.protocol.channels import CONTROL_PORT, HEARTBEAT_BYTE, HEARTBEAT_PORT, NETWORK_PORT
 
 DEFAULT_HOSTNAME = "enclave"
 # virtio_mmio first: without it no virtio device (and so no transport) is visible. Then only what the
@@ -52,9 +56,11 @@ class ParentLink:
     def __init__(self, ch: channel.Channel) -> None:
         self.ch = ch
         self.conn = control.ControlConnection(control.Role.ENCLAVE)
+        self._send_lock = threading.Lock()  # the network thread logs too; messages must not interleave
 
     def send(self, msg: control.Message) -> None:
-        self.ch.write_all(self.conn.send(msg))
+        with self._send_lock:
+            self.ch.write_all(self.conn.send(msg))
 
     def log(self, level: str, message: str) -> None:
         console(message)
@@ -168,7 +174,31 @@ def prepare_rootfs(root: str) -> None:
                     f.write(content)
 
 
-def run_app(link: ParentLink, start: control.Start, app: AppConfig) -> control.Exited:
+def start_network(link: ParentLink, start: control.Start, transport: str, root: str) -> str:
+    """Bring up the network the parent offered (if any); returns the hostname the app gets."""
+    raw = start.config.get("network")
+    if raw is None:
+        return DEFAULT_HOSTNAME
+    from salmiac.enclave import network
+    from salmiac.protocol.netconfig import NetworkConfig
+
+    cfg = NetworkConfig.from_dict(raw)  # hostile input: validated before anything is configured
+    load_modules(("tun",))
+    ch = channel.connect(NETWORK_PORT, transport)
+    pump = network.start_network(cfg, ch.stream(), Path(root))
+
+    def pump_frames() -> None:
+        try:
+            pump.run()
+        except OSError as exc:
+            link.log("warning", f"network: the frame stream ended: {exc}")
+
+    threading.Thread(target=pump_frames, name="network", daemon=True).start()
+    link.log("info", f"network: {network.ENCLAVE_IFNAME} {cfg.ipv4} mtu {cfg.mtu} gateway {cfg.gateway}")
+    return cfg.hostname
+
+
+def run_app(link: ParentLink, start: control.Start, app: AppConfig, transport: str) -> control.Exited:
     if app.rootfs.type != ROOTFS_IN_INITRAMFS:
         raise AppSpecError(f"rootfs type {app.rootfs.type!r} is not supported by this init")
     root = app.rootfs.path
@@ -178,6 +208,7 @@ def run_app(link: ParentLink, start: control.Start, app: AppConfig) -> control.E
                             "allow_cmdline_args=false")
         args, runtime_env = None, []
     prepare_rootfs(root)
+    hostname = start_network(link, start, transport, root)
     spec = build_process_spec(
         root,
         entrypoint=app.entrypoint,
@@ -187,7 +218,7 @@ def run_app(link: ParentLink, start: control.Start, app: AppConfig) -> control.E
         user=app.user,
         args=args,
         runtime_env=runtime_env,
-        hostname=DEFAULT_HOSTNAME,
+        hostname=hostname,
     )
     workdir = resolve_in_root(root, spec.cwd)  # symlinks in the image resolve inside its root, never out
     if not os.path.isdir(workdir):
@@ -240,10 +271,13 @@ def boot() -> ParentLink | None:
         time.clock_settime_ns(time.CLOCK_REALTIME, msg.time_ns)
         with open("/" + APP_CONFIG_PATH, "rb") as f:
             app = AppConfig.from_json(f.read())
-        exited = run_app(link, msg, app)
+        exited = run_app(link, msg, app, transport)
     except AppSpecError as exc:
         link.log("error", str(exc))
         exited = control.Exited(exc.status)
+    except SalmiacError as exc:  # e.g. a network offer the enclave refuses, a TAP that cannot be set up
+        link.log("error", str(exc))
+        exited = control.Exited(STATUS_SETUP_FAILED)
     except Exception as exc:
         link.log("error", f"enclave init failed: {type(exc).__name__}: {exc}")
         console(traceback.format_exc())

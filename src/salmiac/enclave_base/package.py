@@ -1,7 +1,9 @@
 """Our own code inside the enclave: the salmiac modules the init needs and the /init entry point.
 
-Only ``salmiac/__init__.py``, ``salmiac/protocol/`` and ``salmiac/enclave/`` ship (the enclave never imports the
-parent or converter side). Sources travel with pre-compiled, unchecked-hash .pyc files so the guest never compiles
+Only ``salmiac/__init__.py``, ``errors.py``, ``framepump.py`` (shared with the parent's relay), ``salmiac/protocol/``
+and ``salmiac/enclave/`` ship (the enclave never imports the parent or converter side; a test checks that every
+``salmiac`` import of the shipped modules resolves inside this set).
+Sources travel with pre-compiled, unchecked-hash .pyc files so the guest never compiles
 at boot (slow under TCG) and the bytes do not depend on file mtimes.
 """
 
@@ -18,6 +20,7 @@ import salmiac
 from salmiac.rootfs.cpio import CpioWriter
 
 ENCLAVE_PACKAGES: Final = ("protocol", "enclave")
+ENCLAVE_MODULES: Final = ("__init__.py", "errors.py", "framepump.py")
 LIB_DIR: Final = "salmiac/lib"  # in the initramfs; /init puts it on sys.path
 PYTHON: Final = "/usr/bin/python3.11"
 INIT_SCRIPT: Final = f"""#!{PYTHON} -IS
@@ -36,7 +39,7 @@ def _package_root() -> Path:
 def enclave_sources() -> list[tuple[str, Path]]:
     """(archive path relative to LIB_DIR, host path), sorted."""
     root = _package_root()
-    files = [("salmiac/__init__.py", root / "__init__.py")]
+    files = [(f"salmiac/{name}", root / name) for name in ENCLAVE_MODULES]
     for pkg in ENCLAVE_PACKAGES:
         for path in sorted((root / pkg).glob("*.py")):
             files.append((f"salmiac/{pkg}/{path.name}", path))

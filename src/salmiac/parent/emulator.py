@@ -21,9 +21,11 @@ from typing import BinaryIO
 
 from salmiac.eif.reader import read_eif
 from salmiac.errors import RuntimeFailure
+from salmiac.parent.netrelay import NetRelay
+from salmiac.parent.ports import BulkPort, unix_listener
 from salmiac.parent.qemu import QemuConfig, find_qemu, qemu_argv
 from salmiac.parent.session import ControlSession, StartParams, serve_heartbeat
-from salmiac.protocol.channels import CONTROL_PORT, HEARTBEAT_PORT
+from salmiac.protocol.channels import CONTROL_PORT, HEARTBEAT_PORT, NETWORK_PORT
 
 log = logging.getLogger("salmiac.parent")
 
@@ -71,8 +73,10 @@ def prepare_boot_files(eif_path: Path, workdir: Path) -> tuple[Path, Path, str]:
 
 class EmulatedEnclave:
     def __init__(self, eif_path: Path, opts: EmulatorOptions, params: StartParams,
-                 *, stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> None:
+                 *, stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
+                 network: NetRelay | None = None) -> None:
         self.eif_path = eif_path
+        self.network = network
         self.opts = opts
         self.params = params
         self.stdout = stdout if stdout is not None else sys.stdout.buffer
@@ -89,6 +93,11 @@ class EmulatedEnclave:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, self._on_signal, signum)
         try:
+            if self.network is not None:
+                # pyroute2 runs its own event loop: not in this thread. Undone in the finally below.
+                offer = await asyncio.to_thread(self.network.setup)
+                self.params.config["network"] = offer.to_dict()
+                log.info("network: %s mode, enclave %s", self.network.mode, offer.ipv4)
             with tempfile.TemporaryDirectory(prefix="salmiac-emu-") as tmp:
                 workdir = Path(tmp)
                 kernel, initrd, cmdline = prepare_boot_files(self.eif_path, workdir)
@@ -101,6 +110,8 @@ class EmulatedEnclave:
                         log.warning("emulated boot attempt %d/%d failed: %s", attempt, BOOT_ATTEMPTS, exc)
                 raise RuntimeFailure(f"the emulated enclave did not boot after {BOOT_ATTEMPTS} attempts: {last}")
         finally:
+            if self.network is not None:
+                self.network.close()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signum)
@@ -149,6 +160,13 @@ class EmulatedEnclave:
             path = sockdir / f"{port}.sock"
             servers.append(await asyncio.start_unix_server(handler, path=str(path)))
             ports[port] = path
+        bulk: list[BulkPort] = []
+        if self.network is not None:
+            path = sockdir / f"{NETWORK_PORT}.sock"
+            bulk.append(BulkPort("network", unix_listener(str(path)), self.network.run, self.network.stop))
+            ports[NETWORK_PORT] = path
+        for bp in bulk:
+            bp.start()
         cfg = QemuConfig(
             kernel=kernel, initrd=initrd, cmdline=cmdline, memory_mib=self.opts.memory_mib,
             cpus=self.opts.cpus, ports=ports, console_log=console,
@@ -194,6 +212,8 @@ class EmulatedEnclave:
                 await proc.wait()
             for server in servers:
                 server.close()
+            for bp in bulk:
+                await asyncio.to_thread(bp.stop)
             self.session = None
             self._proc = None
 

@@ -55,9 +55,11 @@ import argparse
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,6 +87,8 @@ from salmiac.protocol.netconfig import (
     Route,
     is_hostname,
 )
+
+log = logging.getLogger("salmiac.parent")
 
 Mode = Literal["transparent", "published"]
 PARENT_PORTS = (32768, 49151)
@@ -324,6 +328,7 @@ def published_rules(
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
     ip saddr {subnet} oifname != {t} masquerade
+    ip saddr 127.0.0.0/8 oifname {t} masquerade comment "localhost:PORT from the parent itself"
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
@@ -421,7 +426,8 @@ class NetRelay:
                 self.port = TapPort(fd, self._max_frame(uplink.mtu))
                 self._configure_tap(IPv4Interface(f"{parent_ip}/{subnet.prefixlen}"), uplink.mtu)
                 self._set("net/ipv4/ip_forward", "1")
-                nft_apply(published_rules(self.tap_name, self.offer.ipv4.ip, subnet, self.publish, self.table), self.table)
+                rules = published_rules(self.tap_name, self.offer.ipv4.ip, subnet, self.publish, self.table)
+                nft_apply(rules, self.table)
         except NetConfigError as exc:
             self.close()
             raise RelayError(f"the parent's own network cannot be offered to the enclave: {exc}") from exc
@@ -489,6 +495,70 @@ class NetRelay:
             ipr.link("set", index=idx, mtu=mtu)
             ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
             ipr.link("set", index=idx, state="up")
+        # Connections to 127.0.0.1:HOSTPORT on the parent are DNATed into the TAP; the kernel drops a loopback
+        # source leaving a non-loopback device unless route_localnet is on for it (Docker does the same for
+        # its bridge). The TAP is ours and goes away with the relay: nothing to restore.
+        _sysctl(f"net/ipv4/conf/{self.tap_name}/route_localnet", "1")
+
+
+# --- choosing a mode for `salmiac run` -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkOptions:
+    """``salmiac run --network MODE -p ... --uplink ... --dns ...``."""
+
+    mode: Literal["auto", "transparent", "published", "none"] = "auto"
+    publish: tuple[PortMapping, ...] = ()
+    uplink: str | None = None
+    dns: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] | None = None
+    hostname: str | None = None
+
+
+def network_unavailable() -> str | None:
+    """Why this parent cannot relay frames (no root, no TUN, no nft), or None."""
+    if os.geteuid() != 0:
+        return "it needs root (CAP_NET_ADMIN)"
+    if not Path("/dev/net/tun").exists():
+        return "there is no /dev/net/tun"
+    if shutil.which("nft") is None:
+        return "nft (nftables) is not installed"
+    return None
+
+
+def choose_mode(opts: NetworkOptions, *, nitro: bool) -> Mode | None:
+    """The mode to run, or None for no network.
+
+    ``auto``: on Nitro, transparent (as Fortanix Salmiac: the parent is the enclave's container and its address
+    is the enclave's). In emulation on an ordinary host, published (docker's default: NAT, only ``-p`` ports
+    inbound): taking over a workstation's own address would cut its SSH and services off. Without root, auto
+    means no network; an explicit mode then fails.
+    """
+    if opts.mode == "none":
+        if opts.publish:
+            raise RequestError("-p needs a network: drop --network none")
+        return None
+    why = network_unavailable()
+    if opts.mode == "auto":
+        if why is not None:
+            if opts.publish:
+                raise RequestError(f"-p: the network relay cannot run here: {why}")
+            log.info("no network for the enclave: %s", why)
+            return None
+        return "published" if opts.publish or not nitro else "transparent"
+    if why is not None:
+        raise RequestError(f"--network {opts.mode}: the network relay cannot run here: {why}")
+    return opts.mode
+
+
+def relay_for(opts: NetworkOptions, *, nitro: bool) -> NetRelay | None:
+    mode = choose_mode(opts, nitro=nitro)
+    if mode is None:
+        return None
+    names = read_name_settings(hostname=opts.hostname)
+    if opts.dns is not None:
+        names = NameSettings(opts.dns, names.search_domains, names.hostname, names.hosts)
+    return NetRelay(mode, opts.uplink or default_uplink(), opts.publish, names)
 
 
 # --- listening for the enclave ----------------------------------------------------------------------------

@@ -18,8 +18,10 @@ import sys
 from pathlib import Path
 
 from salmiac.errors import RuntimeFailure
+from salmiac.parent.netrelay import NetRelay
+from salmiac.parent.ports import BulkPort
 from salmiac.parent.session import ControlSession, StartParams
-from salmiac.protocol.channels import CONTROL_PORT
+from salmiac.protocol.channels import CONTROL_PORT, NETWORK_PORT
 
 log = logging.getLogger("salmiac.parent")
 
@@ -43,7 +45,17 @@ async def _nitro_cli(*args: str) -> dict[str, object]:
     return result if isinstance(result, dict) else {}
 
 
-async def run_nitro(eif: Path, *, cpus: int, memory_mib: int, debug: bool, params: StartParams) -> int:
+async def run_nitro(eif: Path, *, cpus: int, memory_mib: int, debug: bool, params: StartParams,
+                    network: NetRelay | None = None) -> int:
+    bulk: list[BulkPort] = []
+    if network is not None:
+        params.config["network"] = (await asyncio.to_thread(network.setup)).to_dict()
+        net_listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        net_listener.bind((VMADDR_CID_ANY, NETWORK_PORT))
+        net_listener.listen(1)
+        bulk.append(BulkPort("network", net_listener, network.run, network.stop))
+    for bp in bulk:
+        bp.start()
     listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
     listener.bind((VMADDR_CID_ANY, CONTROL_PORT))
     listener.listen(1)
@@ -87,6 +99,10 @@ async def run_nitro(eif: Path, *, cpus: int, memory_mib: int, debug: bool, param
     finally:
         finished.set()
         server.close()
+        for bp in bulk:
+            await asyncio.to_thread(bp.stop)
+        if network is not None:
+            network.close()
         if enclave_id:
             with contextlib.suppress(RuntimeFailure):
                 await _nitro_cli("terminate-enclave", "--enclave-id", enclave_id)

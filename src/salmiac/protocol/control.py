@@ -30,6 +30,8 @@ MAX_ARG_BYTES: Final = 128 * 1024
 MAX_ENV: Final = 4096
 MAX_LOG_BYTES: Final = 4096
 MAX_CONFIG_BYTES: Final = 256 * 1024
+CONFIG_KEYS: Final = frozenset({"network"})
+"""What ``Start.config`` may carry; each value is validated by its owner (``protocol.netconfig``...)."""
 
 
 class ProtocolError(Exception):
@@ -201,6 +203,11 @@ def _validate(msg: Message) -> None:
                     raise _fail(f"start.env: {entry[:40]!r} is not KEY=VALUE")
             if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
                 raise _fail("start.config: expected a map with string keys")
+            unknown = sorted(set(config) - CONFIG_KEYS)
+            if unknown:
+                raise _fail(f"start.config: unknown option {unknown[0][:40]!r}")
+            if "network" in config and not isinstance(config["network"], dict):
+                raise _fail("start.config: network must be a map")
             try:
                 config_size = len(cbor.dumps(config))
             except cbor.CborError as exc:  # only on send: whatever we decoded re-encodes

@@ -16,7 +16,9 @@ from salmiac import __version__
 from salmiac.errors import RequestError, SalmiacError
 
 if TYPE_CHECKING:
+    from salmiac.parent.nbd_server import Export
     from salmiac.parent.netrelay import NetRelay
+    from salmiac.runconfig import RunConfig
 
 log = logging.getLogger("salmiac")
 
@@ -121,6 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cpus = args.cpus if args.cpus is not None else run_cfg.cpu_count
     memory = parse_size_mib(args.memory, "--memory") if args.memory else run_cfg.memory_mib
     params = StartParams(args=app_args or None, env=list(args.env))
+    nbd_exports = _nbd_exports(bundle, run_cfg)
     relay = _network_relay(args, nitro=not args.emulate)
     if not args.emulate:
         if not os.path.exists("/dev/nitro_enclaves"):
@@ -129,11 +132,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         from salmiac.parent.nitro import run_nitro
 
         return asyncio.run(run_nitro(bundle / run_cfg.eif, cpus=cpus, memory_mib=memory,
-                                     debug=args.debug or run_cfg.debug, params=params, network=relay))
+                                     debug=args.debug or run_cfg.debug, params=params, network=relay,
+                                     nbd_exports=nbd_exports))
     opts = EmulatorOptions(cpus=cpus, memory_mib=memory, debug=args.debug or run_cfg.debug,
                            console_log=args.console_log)
-    enclave = EmulatedEnclave(bundle / run_cfg.eif, opts, params, network=relay)
+    enclave = EmulatedEnclave(bundle / run_cfg.eif, opts, params, network=relay, nbd_exports=nbd_exports)
     return asyncio.run(enclave.run())
+
+
+def _nbd_exports(bundle: Path, run_cfg: RunConfig) -> dict[int, list[Export]]:
+    """The block devices the enclave attaches over NBD: its verity rootfs (read-only) when it has one."""
+    from salmiac.parent.nbd_server import Export
+    from salmiac.protocol.channels import NBD_ROOTFS_PORT
+
+    exports: dict[int, list[Export]] = {}
+    if run_cfg.rootfs_image:
+        image = bundle / run_cfg.rootfs_image
+        if not image.is_file():
+            raise RequestError(f"{image}: the bundle's rootfs image is missing")
+        exports[NBD_ROOTFS_PORT] = [Export("rootfs", image, read_only=True)]
+    return exports
 
 
 def _network_relay(args: argparse.Namespace, *, nitro: bool) -> NetRelay | None:

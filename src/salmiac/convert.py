@@ -1,6 +1,8 @@
 """The converter pipeline: input image → EIF (measured) → output image whose entrypoint is the parent runtime.
 
     source (any transport) ─► flatten layers ─► app ramdisk (rootfs/ + salmiac/app.json)
+                                              └► or: squashfs + dm-verity tree (rootfs.img, beside the EIF),
+                                                 its root hash in salmiac/app.json
     enclave base + our package ─► bootstrap ramdisk
     kernel + cmdline + ramdisks ─► EIF (PCR0/1/2) ─► bundle layer (/opt/salmiac) + parent layer ─► output image
 
@@ -10,6 +12,7 @@ Deterministic end to end: same input and same salmiac version give the same EIF 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -40,11 +43,13 @@ from salmiac.image.reference import Transport, parse_reference
 from salmiac.image.source import open_image
 from salmiac.image.tree import Tree
 from salmiac.progress import Progress
-from salmiac.protocol.appconfig import APP_CONFIG_PATH, ROOTFS_DIR, AppConfig
+from salmiac.protocol.appconfig import APP_CONFIG_PATH, ROOTFS_DIR, ROOTFS_VERITY, AppConfig, RootfsSpec
 from salmiac.request import ConversionRequest, ConversionResponse
 from salmiac.rootfs.cpio import CpioWriter, write_tree
+from salmiac.rootfs.fsimage import SQUASHFS, build_fs_image
 from salmiac.rootfs.ramdisk import compress_file
-from salmiac.runconfig import BUNDLE_DIR, EIF_NAME, RUN_CONFIG_NAME, RunConfig
+from salmiac.rootfs.verity import format_verity
+from salmiac.runconfig import BUNDLE_DIR, EIF_NAME, ROOTFS_IMAGE_NAME, RUN_CONFIG_NAME, RunConfig
 
 # The kernel command line is measured (PCR0/PCR1). Nitro's own, plus what our init and emulator rely on:
 # quiet console (app output goes over the control channel), trusted CPU RNG so nothing blocks on entropy.
@@ -56,6 +61,8 @@ LAYER_TAR: Final = "application/vnd.oci.image.layer.v1.tar"
 LAYER_TAR_GZIP: Final = "application/vnd.oci.image.layer.v1.tar+gzip"
 PARENT_PACKAGES: Final = ("python3.11-minimal", "libpython3.11-stdlib")
 RUNTIME_HEADROOM_MIB: Final = 256  # kernel, init and a small app beyond the unpacked initramfs
+ROOTFS_AUTO_VERITY_BYTES: Final = 256 << 20
+"""rootfs "auto": app files above this size go to a verity image served over NBD instead of enclave RAM."""
 SALMIAC_LAUNCHER: Final = """#!/usr/bin/python3.11 -I
 import sys
 sys.path.insert(0, "/opt/salmiac/lib")
@@ -79,6 +86,7 @@ class BuiltEif:
     sha256: str
     pcrs: dict[str, str]
     unpacked_bytes: int
+    rootfs_image: Path | None = None  # the verity rootfs, when the app's files are not in the initramfs
 
 
 def app_config_for(image: ImageConfig, req: ConversionRequest, image_id: str) -> AppConfig:
@@ -125,12 +133,14 @@ def _gzip_file(src: Path, dst: Path) -> None:
         shutil.copyfileobj(fin, gz, 1 << 20)
 
 
-def build_app_ramdisk(tree: Tree, app: AppConfig, dst: Path) -> int:
-    """ramdisk[1]: the app's rootfs under rootfs/ and its config. Returns the uncompressed size."""
+def build_app_ramdisk(tree: Tree | None, app: AppConfig, dst: Path) -> int:
+    """ramdisk[1]: the app's rootfs under rootfs/ (unless it is a verity image) and its config. Returns the
+    uncompressed size."""
     raw = dst.with_suffix(".cpio")
     with open(raw, "wb") as f:
         writer = CpioWriter(f)
-        write_tree(tree, writer, ROOTFS_DIR)
+        if tree is not None:
+            write_tree(tree, writer, ROOTFS_DIR)
         writer.add_dir("salmiac", mode=0o755)
         writer.add_file(APP_CONFIG_PATH, app.to_json(), mode=0o444)
         writer.finish()
@@ -165,12 +175,23 @@ def build_eif(req: ConversionRequest, source_config: ImageConfig, tree: Tree, *,
     kernel = ensure_kernel(cache / "kernel")
     progress.note(f"kernel {kernel.version}")
     app = app_config_for(source_config, req, image_id)
+    mode = req.converter_options.rootfs
+    if mode == "auto":
+        mode = ROOTFS_VERITY if tree.total_file_bytes() > ROOTFS_AUTO_VERITY_BYTES else "initramfs"
+    rootfs_image: Path | None = None
+    if mode == ROOTFS_VERITY:
+        progress.note("building the rootfs image (squashfs + dm-verity)")
+        rootfs_image = workdir / ROOTFS_IMAGE_NAME
+        fs = build_fs_image(tree, rootfs_image, fs=SQUASHFS)
+        verity = format_verity(fs.path)  # appended: one NBD export carries data and hash tree
+        app = dataclasses.replace(app, rootfs=RootfsSpec(type=ROOTFS_VERITY, path="/", fs=SQUASHFS,
+                                                         verity=verity.to_dict()))
     boot_rd = workdir / "bootstrap.rd"
     app_rd = workdir / "app.rd"
     progress.note("building the enclave base ramdisk")
     unpacked = build_bootstrap_ramdisk(cache, kernel, boot_rd)
     progress.note("building the app ramdisk")
-    unpacked += build_app_ramdisk(tree, app, app_rd)
+    unpacked += build_app_ramdisk(tree if rootfs_image is None else None, app, app_rd)
     metadata = EifMetadata(
         image_name=image_name, image_version=image_id.removeprefix("sha256:") or "unknown",
         build_epoch=build_epoch_from_env(),
@@ -182,7 +203,8 @@ def build_eif(req: ConversionRequest, source_config: ImageConfig, tree: Tree, *,
     for rd in (boot_rd, app_rd):
         rd.unlink()
     pcrs = {k: v for k, v in info.pcrs.to_json().items() if k.startswith("PCR")}
-    return BuiltEif(path=eif_path, size=info.size, sha256=info.sha256, pcrs=pcrs, unpacked_bytes=unpacked)
+    return BuiltEif(path=eif_path, size=info.size, sha256=info.sha256, pcrs=pcrs, unpacked_bytes=unpacked,
+                    rootfs_image=rootfs_image)
 
 
 def memory_needed_mib(eif: BuiltEif) -> int:
@@ -287,6 +309,10 @@ def build_bundle_layer(eif: BuiltEif, run: RunConfig, workdir: Path) -> LayerBlo
                     io.BytesIO(run_bytes))
         with open(eif.path, "rb") as f:
             tar.addfile(_tar_info(f"{BUNDLE_DIR}/{EIF_NAME}", mode=0o444, size=eif.size), f)
+        if eif.rootfs_image is not None:
+            with open(eif.rootfs_image, "rb") as f:
+                size = eif.rootfs_image.stat().st_size
+                tar.addfile(_tar_info(f"{BUNDLE_DIR}/{ROOTFS_IMAGE_NAME}", mode=0o444, size=size), f)
     return _layer(tar_path)
 
 
@@ -361,7 +387,8 @@ def convert(req: ConversionRequest, *, cache_dir: Path | None = None, progress: 
             raise RequestError(f"nitro_enclaves_options.mem_size: {opts.mem_size_mib}M is less than the "
                                f"{needed}M this image needs")
         run = RunConfig(cpu_count=opts.cpu_count, memory_mib=opts.mem_size_mib, eif_sha256=eif.sha256,
-                        pcrs=eif.pcrs, debug=req.converter_options.debug, image_name=req.input_image.name)
+                        pcrs=eif.pcrs, debug=req.converter_options.debug, image_name=req.input_image.name,
+                        rootfs_image=ROOTFS_IMAGE_NAME if eif.rootfs_image is not None else "")
         progress.note("writing the output image")
         layers = [build_parent_layer(cache, workdir), build_bundle_layer(eif, run, workdir)]
         config = output_config(layers, run, req.input_image.name)

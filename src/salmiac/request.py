@@ -31,6 +31,9 @@ class ImageSpec:
     auth: Auth | None = None
 
 
+ROOTFS_MODES: Final = ("auto", "initramfs", "verity")
+
+
 @dataclass(frozen=True, slots=True)
 class ConverterOptions:
     push_converted_image: bool = False
@@ -42,6 +45,10 @@ class ConverterOptions:
     debug: bool = False
     entry_point: tuple[str, ...] | None = None  # replaces the image's ENTRYPOINT when given
     entry_point_args: tuple[str, ...] | None = None  # replaces the image's CMD when given
+    # Where the app's files travel (our extension): "initramfs" (in the measured ramdisk, held in enclave RAM),
+    # "verity" (a squashfs image the parent serves over NBD, checked by dm-verity against the measured root
+    # hash: images larger than enclave memory), "auto" (verity above ROOTFS_AUTO_VERITY_BYTES).
+    rootfs: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +80,11 @@ class ConversionRequest:
                       optional={"converter_options", "nitro_enclaves_options"})
         conv = _object(obj.get("converter_options", {}), "converter_options", optional={
             "push_converted_image", "enable_overlay_filesystem_persistence", "env_vars", "allow_cmdline_args",
-            "debug", "entry_point", "entry_point_args",
+            "debug", "entry_point", "entry_point_args", "rootfs",
         })
+        rootfs = conv.get("rootfs", "auto")
+        if rootfs not in ROOTFS_MODES:
+            raise RequestError(f"converter_options.rootfs: {rootfs!r} is not one of {', '.join(ROOTFS_MODES)}")
         nitro = _object(obj.get("nitro_enclaves_options", {}), "nitro_enclaves_options",
                         optional={"cpu_count", "mem_size"})
         cpu = nitro.get("cpu_count", DEFAULT_CPU_COUNT)
@@ -102,6 +112,7 @@ class ConversionRequest:
                 debug=_bool(conv, "debug", "converter_options", False),
                 entry_point=_opt_list(conv, "entry_point"),
                 entry_point_args=_opt_list(conv, "entry_point_args"),
+                rootfs=rootfs,
             ),
             nitro_enclaves_options=NitroEnclavesOptions(cpu_count=cpu, mem_size_mib=mem_mib),
         )

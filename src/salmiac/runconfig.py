@@ -20,6 +20,7 @@ from salmiac.errors import RequestError
 BUNDLE_DIR: Final = "opt/salmiac"  # inside the converted image
 RUN_CONFIG_NAME: Final = "run.json"
 EIF_NAME: Final = "enclave.eif"
+ROOTFS_IMAGE_NAME: Final = "rootfs.img"  # the verity rootfs (squashfs + appended hash tree), when there is one
 RUN_CONFIG_VERSION: Final = 1
 MIN_MEMORY_MIB: Final = 64  # NE_ERR_ENCLAVE_MEM_MIN_SIZE
 MAX_CPUS: Final = 128
@@ -50,6 +51,7 @@ class RunConfig:
     debug: bool = False
     rw_storage_mib: int = 0
     image_name: str = ""
+    rootfs_image: str = ""  # file name in the bundle of the verity rootfs the parent serves over NBD
     version: int = RUN_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -59,6 +61,8 @@ class RunConfig:
             raise RequestError(f"mem_size: {self.memory_mib} MiB is below the {MIN_MEMORY_MIB} MiB minimum")
         if "/" in self.eif or self.eif in ("", ".", ".."):
             raise RequestError(f"run config eif: {self.eif!r} must be a plain file name")
+        if "/" in self.rootfs_image or self.rootfs_image in (".", ".."):
+            raise RequestError(f"run config rootfs_image: {self.rootfs_image!r} must be a plain file name")
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, indent=1).encode() + b"\n"

@@ -140,7 +140,11 @@ CONFIGS = st.builds(
     exposed_ports=st.lists(TEXT, max_size=4),
     overlay_persistence=st.booleans(),
     allow_cmdline_args=st.booleans(),
-    rootfs=st.builds(RootfsSpec, type=TEXT, path=TEXT),
+    rootfs=st.one_of(
+        st.builds(RootfsSpec, type=st.just("initramfs"), path=TEXT),
+        st.builds(RootfsSpec, type=st.just("verity"), path=TEXT, fs=st.just("squashfs"),
+                  verity=st.dictionaries(TEXT, st.integers() | TEXT, max_size=3)),
+    ),
     image_name=TEXT,
     image_digest=TEXT,
 )
@@ -153,6 +157,17 @@ def test_round_trip_random(config: AppConfig) -> None:
     again = AppConfig.from_json(raw)
     assert again == config
     assert again.to_json() == raw
+
+
+def test_rootfs_type_and_verity_parameters_are_checked() -> None:
+    good = AppConfig(rootfs=RootfsSpec(type="verity", fs="squashfs", verity={"root_hash": "00" * 32}))
+    assert AppConfig.from_json(good.to_json()) == good
+    for rootfs in ({"type": "nfs"}, {"type": "verity", "fs": "squashfs"}, {"type": "verity", "verity": {}},
+                   {"type": "verity", "fs": "ext2", "verity": {}}, {"type": "initramfs", "extra": 1}):
+        raw = AppConfig().to_json().replace(b'{"path":"/rootfs","type":"initramfs"}', json.dumps(rootfs).encode())
+        assert raw != AppConfig().to_json()
+        with pytest.raises(AppConfigError):
+            AppConfig.from_json(raw)
 
 
 @given(st.binary(max_size=200))

@@ -4,7 +4,8 @@ Sequence (each step's failure is reported to the parent if the control channel i
  1. mount /dev (devtmpfs: the kernel has no DEVTMPFS_MOUNT), /proc, /sys; stdio on /dev/console
  2. detect the transport (vsock on Nitro, virtio-serial in emulation) and load only the modules it needs
  3. heartbeat (0xB7 on port 9000, as nitro-cli expects), then the control channel: Hello → Start
- 4. set the clock from Start, prepare the app rootfs (measured: it came in the initramfs), bring up the network
+ 4. set the clock from Start, prepare the app rootfs (in the measured initramfs, or a verity image over NBD whose
+    root hash is measured), bring up the network
     if the parent offered one (TAP salmiac0, frames over the network port; the offer is validated first)
  5. run the app under the Supervisor; send Exited with its status
  6. sync, unmount, power off
@@ -29,7 +30,7 @@ from salmiac.enclave.appspec import AppSpecError, build_process_spec, resolve_in
 from salmiac.enclave.supervisor import CGROUP_ROOT, Supervisor
 from salmiac.errors import SalmiacError
 from salmiac.protocol import control
-from salmiac.protocol.appconfig import APP_CONFIG_PATH, ROOTFS_IN_INITRAMFS, AppConfig
+from salmiac.protocol.appconfig import APP_CONFIG_PATH, ROOTFS_IN_INITRAMFS, ROOTFS_VERITY, AppConfig
 from salmiac.protocol.channels import CONTROL_PORT, HEARTBEAT_BYTE, HEARTBEAT_PORT, NETWORK_PORT
 
 DEFAULT_HOSTNAME = "enclave"
@@ -199,9 +200,14 @@ def start_network(link: ParentLink, start: control.Start, transport: str, root: 
 
 
 def run_app(link: ParentLink, start: control.Start, app: AppConfig, transport: str) -> control.Exited:
-    if app.rootfs.type != ROOTFS_IN_INITRAMFS:
+    if app.rootfs.type == ROOTFS_VERITY:
+        from salmiac.enclave import storage
+
+        root = storage.attach_verity_rootfs(app.rootfs, transport)
+    elif app.rootfs.type == ROOTFS_IN_INITRAMFS:
+        root = app.rootfs.path
+    else:
         raise AppSpecError(f"rootfs type {app.rootfs.type!r} is not supported by this init")
-    root = app.rootfs.path
     args, runtime_env = start.args, start.env
     if not app.allow_cmdline_args and (args is not None or runtime_env):
         link.log("warning", "run-time arguments and environment ignored: the image was converted with "

@@ -1,6 +1,7 @@
 """Our own code inside the enclave: the salmiac modules the init needs and the /init entry point.
 
-Only ``salmiac/__init__.py``, ``errors.py``, ``framepump.py`` (shared with the parent's relay), ``salmiac/protocol/``
+Only ``salmiac/__init__.py``, ``errors.py``, ``framepump.py`` (shared with the parent's relay), ``rootfs/verity.py``
+(dm-verity parameters and activation), ``salmiac/protocol/``
 and ``salmiac/enclave/`` ship (the enclave never imports the parent or converter side; a test checks that every
 ``salmiac`` import of the shipped modules resolves inside this set).
 Sources travel with pre-compiled, unchecked-hash .pyc files so the guest never compiles
@@ -20,7 +21,7 @@ import salmiac
 from salmiac.rootfs.cpio import CpioWriter
 
 ENCLAVE_PACKAGES: Final = ("protocol", "enclave")
-ENCLAVE_MODULES: Final = ("__init__.py", "errors.py", "framepump.py")
+ENCLAVE_MODULES: Final = ("__init__.py", "errors.py", "framepump.py", "rootfs/__init__.py", "rootfs/verity.py")
 LIB_DIR: Final = "salmiac/lib"  # in the initramfs; /init puts it on sys.path
 PYTHON: Final = "/usr/bin/python3.11"
 INIT_SCRIPT: Final = f"""#!{PYTHON} -IS

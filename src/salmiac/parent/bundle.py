@@ -15,18 +15,30 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
-from salmiac.errors import ImageError
+from salmiac.errors import ImageError, SalmiacError
 from salmiac.image.cache import BlobCache
 from salmiac.image.source import open_image
-from salmiac.runconfig import BUNDLE_DIR, EIF_NAME, RUN_CONFIG_NAME
+from salmiac.runconfig import BUNDLE_DIR, EIF_NAME, ROOTFS_IMAGE_NAME, RUN_CONFIG_NAME, RunConfig
 
 MAX_RUN_CONFIG: Final = 1 << 20
 MAX_EIF: Final = 16 << 30
-WANTED: Final = {f"{BUNDLE_DIR}/{RUN_CONFIG_NAME}": MAX_RUN_CONFIG, f"{BUNDLE_DIR}/{EIF_NAME}": MAX_EIF}
+MAX_ROOTFS_IMAGE: Final = 1 << 40
+REQUIRED: Final = {f"{BUNDLE_DIR}/{RUN_CONFIG_NAME}": MAX_RUN_CONFIG, f"{BUNDLE_DIR}/{EIF_NAME}": MAX_EIF}
+WANTED: Final = {**REQUIRED, f"{BUNDLE_DIR}/{ROOTFS_IMAGE_NAME}": MAX_ROOTFS_IMAGE}
 
 
 def _member_name(name: str) -> str:
     return os.path.normpath("/" + name).lstrip("/")
+
+
+def _complete(target: Path) -> bool:
+    if not all((target / Path(n).name).is_file() for n in REQUIRED):
+        return False
+    try:
+        run = RunConfig.from_json((target / RUN_CONFIG_NAME).read_bytes())
+    except (OSError, SalmiacError):
+        return False
+    return not run.rootfs_image or (target / run.rootfs_image).is_file()
 
 
 def extract_bundle(image: str, cache_dir: Path, *, tls_verify: bool = True, ca_file: str | None = None) -> Path:
@@ -35,7 +47,7 @@ def extract_bundle(image: str, cache_dir: Path, *, tls_verify: bool = True, ca_f
     try:
         digest = source.manifest_digest
         target = cache_dir / "bundles" / digest.replace(":", "-")
-        if all((target / Path(n).name).is_file() for n in WANTED):
+        if _complete(target):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=target.parent))
@@ -58,9 +70,9 @@ def extract_bundle(image: str, cache_dir: Path, *, tls_verify: bool = True, ca_f
                         with open(tmp / Path(name).name, "wb") as out:
                             shutil.copyfileobj(src, out, 1 << 20)
                         found.add(name)
-                if len(found) == len(WANTED):
-                    break
-            missing = sorted(set(WANTED) - found)
+                if set(REQUIRED) <= found:
+                    break  # the bundle is one layer: what it lacks now, it does not have
+            missing = sorted(set(REQUIRED) - found)
             if missing:
                 raise ImageError(f"{image}: not a salmiac-converted image (no /{missing[0]})")
             with contextlib.suppress(FileNotFoundError):

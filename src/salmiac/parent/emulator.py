@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 from salmiac.eif.reader import read_eif
 from salmiac.errors import RuntimeFailure
+from salmiac.parent.nbd_server import Export, serve_unix
 from salmiac.parent.netrelay import NetRelay
 from salmiac.parent.ports import BulkPort, unix_listener
 from salmiac.parent.qemu import QemuConfig, find_qemu, qemu_argv
@@ -74,9 +75,10 @@ def prepare_boot_files(eif_path: Path, workdir: Path) -> tuple[Path, Path, str]:
 class EmulatedEnclave:
     def __init__(self, eif_path: Path, opts: EmulatorOptions, params: StartParams,
                  *, stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
-                 network: NetRelay | None = None) -> None:
+                 network: NetRelay | None = None, nbd_exports: dict[int, list[Export]] | None = None) -> None:
         self.eif_path = eif_path
         self.network = network
+        self.nbd_exports = nbd_exports or {}
         self.opts = opts
         self.params = params
         self.stdout = stdout if stdout is not None else sys.stdout.buffer
@@ -159,6 +161,10 @@ class EmulatedEnclave:
         for port, handler in handlers.items():
             path = sockdir / f"{port}.sock"
             servers.append(await asyncio.start_unix_server(handler, path=str(path)))
+            ports[port] = path
+        for port, exports in self.nbd_exports.items():
+            path = sockdir / f"{port}.sock"
+            servers.append(await serve_unix(path, exports))
             ports[port] = path
         bulk: list[BulkPort] = []
         if self.network is not None:

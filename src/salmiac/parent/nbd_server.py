@@ -475,6 +475,12 @@ async def serve_unix(path: str | Path, exports: Sequence[Export]) -> asyncio.Ser
     return await asyncio.get_running_loop().create_unix_server(factory, path=os.fspath(path))
 
 
+async def serve_socket(sock: socket.socket, exports: Sequence[Export]) -> asyncio.Server:
+    """Serve on a listening socket made by the caller (AF_VSOCK on a Nitro parent)."""
+    factory = _protocol_factory(exports)
+    return await asyncio.get_running_loop().create_server(factory, sock=sock)
+
+
 async def serve_tcp(host: str, port: int, exports: Sequence[Export]) -> asyncio.Server:
     """Listen on TCP ``host:port`` (port 0 picks one; see ``server.sockets``)."""
     factory = _protocol_factory(exports)

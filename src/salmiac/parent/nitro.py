@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from salmiac.errors import RuntimeFailure
+from salmiac.parent.nbd_server import Export, serve_socket
 from salmiac.parent.netrelay import NetRelay
 from salmiac.parent.ports import BulkPort
 from salmiac.parent.session import ControlSession, StartParams
@@ -46,7 +47,13 @@ async def _nitro_cli(*args: str) -> dict[str, object]:
 
 
 async def run_nitro(eif: Path, *, cpus: int, memory_mib: int, debug: bool, params: StartParams,
-                    network: NetRelay | None = None) -> int:
+                    network: NetRelay | None = None, nbd_exports: dict[int, list[Export]] | None = None) -> int:
+    nbd_servers = []
+    for port, exports in (nbd_exports or {}).items():
+        nbd_listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        nbd_listener.bind((VMADDR_CID_ANY, port))
+        nbd_listener.listen(1)
+        nbd_servers.append(await serve_socket(nbd_listener, exports))
     bulk: list[BulkPort] = []
     if network is not None:
         params.config["network"] = (await asyncio.to_thread(network.setup)).to_dict()
@@ -101,6 +108,8 @@ async def run_nitro(eif: Path, *, cpus: int, memory_mib: int, debug: bool, param
         server.close()
         for bp in bulk:
             await asyncio.to_thread(bp.stop)
+        for nbd_server in nbd_servers:
+            nbd_server.close()
         if network is not None:
             network.close()
         if enclave_id:

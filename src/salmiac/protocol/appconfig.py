@@ -14,6 +14,9 @@ from typing import Any, Final
 APP_CONFIG_PATH: Final = "salmiac/app.json"  # inside the initramfs, relative to its root
 APP_CONFIG_VERSION: Final = 1
 ROOTFS_IN_INITRAMFS: Final = "initramfs"
+ROOTFS_VERITY: Final = "verity"  # a squashfs image served by the parent over NBD, checked by dm-verity
+ROOTFS_TYPES: Final = (ROOTFS_IN_INITRAMFS, ROOTFS_VERITY)
+ROOTFS_FILESYSTEMS: Final = ("squashfs",)
 ROOTFS_DIR: Final = "rootfs"  # where ramdisk[1] carries the app's files, relative to the initramfs root
 DEFAULT_STOP_TIMEOUT: Final = 10  # seconds between the stop signal and SIGKILL, as `docker stop`
 MAX_LIST: Final = 4096
@@ -25,10 +28,17 @@ class AppConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class RootfsSpec:
-    """Where the app's root filesystem comes from."""
+    """Where the app's root filesystem comes from.
+
+    ``initramfs``: the files are in ramdisk[1] under ``path``. ``verity``: a read-only ``fs`` image that the
+    parent serves over NBD; ``verity`` holds the dm-verity parameters (``rootfs.verity.VerityInfo.to_dict``),
+    root hash included. Being measured, that root hash makes the PCRs cover every byte of the image.
+    """
 
     type: str = ROOTFS_IN_INITRAMFS
     path: str = "/" + ROOTFS_DIR
+    fs: str = ""
+    verity: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +59,10 @@ class AppConfig:
     version: int = APP_CONFIG_VERSION
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        data = asdict(self)
+        if data["rootfs"]["type"] == ROOTFS_IN_INITRAMFS:  # the verity-only keys stay out of older configs' bytes
+            del data["rootfs"]["fs"], data["rootfs"]["verity"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> AppConfig:
@@ -84,10 +97,16 @@ class AppConfig:
             if not isinstance(data.get(name, False), bool):
                 raise AppConfigError(f"app config {name} must be a boolean")
         rootfs = data.pop("rootfs", {})
-        if not isinstance(rootfs, dict) or set(rootfs) - {"type", "path"}:
+        if not isinstance(rootfs, dict) or set(rootfs) - {"type", "path", "fs", "verity"}:
             raise AppConfigError("app config rootfs is malformed")
-        if not all(isinstance(v, str) for v in rootfs.values()):
-            raise AppConfigError("app config rootfs type and path must be strings")
+        if not all(isinstance(rootfs.get(k, ""), str) for k in ("type", "path", "fs")):
+            raise AppConfigError("app config rootfs type, path and fs must be strings")
+        if rootfs.get("type", ROOTFS_IN_INITRAMFS) not in ROOTFS_TYPES:
+            raise AppConfigError(f"app config rootfs type {rootfs.get('type')!r} is unknown")
+        if rootfs.get("type") == ROOTFS_VERITY and (
+            not isinstance(rootfs.get("verity"), dict) or rootfs.get("fs") not in ROOTFS_FILESYSTEMS
+        ):
+            raise AppConfigError("app config rootfs: a verity rootfs needs verity parameters and a known fs")
         if not str(data.get("working_dir", "/")).startswith("/"):
             raise AppConfigError("app config working_dir must be absolute")
         return cls(rootfs=RootfsSpec(**rootfs), **data)

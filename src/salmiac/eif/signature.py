@@ -16,7 +16,7 @@ import datetime
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -222,9 +222,9 @@ def verify_pcr0_signature(signature: PcrSignature, pcr0: bytes) -> bool:
     algorithm = _COSE_ALGORITHMS.get(header.get(1))  # type: ignore[arg-type]
     try:
         cert = x509.load_pem_x509_certificate(signature.signing_certificate)
-    except ValueError:
+        key = cert.public_key()  # parsed lazily: a mangled key OID raises UnsupportedAlgorithm only here
+    except (ValueError, UnsupportedAlgorithm):
         return False
-    key = cert.public_key()
     if algorithm is None or not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != algorithm[0]:
         return False
     half = (key.curve.key_size + 7) // 8
@@ -243,7 +243,10 @@ def verify_pcr0_signature(signature: PcrSignature, pcr0: bytes) -> bool:
 def certificate_info(pem: bytes) -> dict[str, object]:
     """``SigningCertificate`` of ``nitro-cli describe-eif``: issuer (OpenSSL long names, sorted),
     signature algorithm, validity in OpenSSL's ``ASN1_TIME_print`` form, signature as XX:XX hex."""
-    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise EifError("signature section: the signing certificate is not a PEM X.509 certificate") from exc
     # cryptography's OID names are OpenSSL's long names ("commonName", "ecdsa-with-SHA384").
     issuer = {attr.oid._name: _attribute_text(attr.value) for attr in cert.issuer}
     return {

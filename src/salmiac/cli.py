@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert an image into an enclave image (response JSON on stdout)")
     c.add_argument("request", help="conversion request JSON file, or - for standard input")
     c.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    c.add_argument("--insecure-dev-key", action="store_true",
+                   help="INSECURE: key the persistent disk with a fixed public key (development only; measured)")
     add_tls(c)
 
     r = sub.add_parser("run", help="run a converted image (on Nitro, or emulated with --emulate)")
@@ -64,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dns", action="append", default=None, metavar="ADDRESS",
                    help="nameserver for the enclave (default: the parent's resolv.conf, loopback ones left out)")
     r.add_argument("--hostname", help="the enclave's hostname (default: the parent's)")
+    r.add_argument("--storage-dir", type=Path, default=Path(os.environ.get("SALMIAC_STORAGE_DIR", "/var/lib/salmiac")),
+                   help="where the encrypted RW disk file lives (default /var/lib/salmiac, the image's VOLUME)")
+    r.add_argument("--insecure-dev-key", action="store_true",
+                   help="allow running an image converted with --insecure-dev-key (its disk key is public)")
     add_tls(r)
     r.add_argument("rest", nargs=argparse.REMAINDER, metavar="IMAGE [ARGS...]")
 
@@ -88,6 +94,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise RequestError(f"request file {args.request}: {exc.strerror}") from exc
     req = ConversionRequest.from_json(raw)
+    if args.insecure_dev_key:
+        import dataclasses
+
+        log.warning("INSECURE: --insecure-dev-key: the persistent disk of this image is keyed with a fixed, public "
+                    "key; anyone with the disk file can read and change it. Never use it for real data.")
+        req = dataclasses.replace(
+            req, converter_options=dataclasses.replace(req.converter_options, insecure_dev_key=True))
     with Progress(enabled=not args.quiet) as progress:
         resp = convert(req, cache_dir=_cache_dir(args), progress=progress, tls_verify=args.tls_verify == "true",
                        ca_file=args.ca_file)
@@ -96,7 +109,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from salmiac.parent.emulator import EmulatedEnclave, EmulatorOptions
     from salmiac.parent.session import StartParams
     from salmiac.runconfig import RUN_CONFIG_NAME, RunConfig, parse_size_mib
 
@@ -123,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cpus = args.cpus if args.cpus is not None else run_cfg.cpu_count
     memory = parse_size_mib(args.memory, "--memory") if args.memory else run_cfg.memory_mib
     params = StartParams(args=app_args or None, env=list(args.env))
-    nbd_exports = _nbd_exports(bundle, run_cfg)
+    nbd_exports = _nbd_exports(bundle, run_cfg, args)
     relay = _network_relay(args, nitro=not args.emulate)
     if not args.emulate:
         if not os.path.exists("/dev/nitro_enclaves"):
@@ -134,16 +146,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         return asyncio.run(run_nitro(bundle / run_cfg.eif, cpus=cpus, memory_mib=memory,
                                      debug=args.debug or run_cfg.debug, params=params, network=relay,
                                      nbd_exports=nbd_exports))
+    # Imported only here: the EIF reader needs `cryptography`, which the parent runtime in the converted image
+    # (Nitro path) does not ship.
+    from salmiac.parent.emulator import EmulatedEnclave, EmulatorOptions
+
     opts = EmulatorOptions(cpus=cpus, memory_mib=memory, debug=args.debug or run_cfg.debug,
                            console_log=args.console_log)
     enclave = EmulatedEnclave(bundle / run_cfg.eif, opts, params, network=relay, nbd_exports=nbd_exports)
     return asyncio.run(enclave.run())
 
 
-def _nbd_exports(bundle: Path, run_cfg: RunConfig) -> dict[int, list[Export]]:
-    """The block devices the enclave attaches over NBD: its verity rootfs (read-only) when it has one."""
+def _nbd_exports(bundle: Path, run_cfg: RunConfig, args: argparse.Namespace) -> dict[int, list[Export]]:
+    """The block devices the enclave attaches over NBD: its verity rootfs (read-only) when it has one, and the RW
+    disk (a sparse file in --storage-dir, created at RW_STORAGE_SIZE on first use) when it keeps data."""
     from salmiac.parent.nbd_server import Export
-    from salmiac.protocol.channels import NBD_ROOTFS_PORT
+    from salmiac.protocol.appconfig import KEY_INSECURE_DEV
+    from salmiac.protocol.channels import NBD_DISK_PORT, NBD_ROOTFS_PORT
+    from salmiac.runconfig import DEFAULT_RW_STORAGE_MIB
 
     exports: dict[int, list[Export]] = {}
     if run_cfg.rootfs_image:
@@ -151,6 +170,22 @@ def _nbd_exports(bundle: Path, run_cfg: RunConfig) -> dict[int, list[Export]]:
         if not image.is_file():
             raise RequestError(f"{image}: the bundle's rootfs image is missing")
         exports[NBD_ROOTFS_PORT] = [Export("rootfs", image, read_only=True)]
+    if run_cfg.disk:
+        if run_cfg.key_provider == KEY_INSECURE_DEV:
+            if not args.insecure_dev_key:
+                raise RequestError("this image keys its disk with the insecure development key: add "
+                                   "--insecure-dev-key to run it anyway")
+            log.warning("INSECURE: the enclave's persistent disk uses the public development key: anyone with "
+                        "%s can read and change it", args.storage_dir)
+        size_mib = run_cfg.rw_storage_mib or DEFAULT_RW_STORAGE_MIB
+        try:
+            args.storage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise RequestError(f"--storage-dir {args.storage_dir}: {exc.strerror}") from exc
+        disk = args.storage_dir / "disk.img"
+        # The server grows the file (sparse) to the size; an existing larger disk keeps its size and data.
+        size = max(size_mib << 20, disk.stat().st_size if disk.exists() else 0)
+        exports[NBD_DISK_PORT] = [Export("disk", disk, read_only=False, size=size)]
     return exports
 
 

@@ -43,7 +43,15 @@ from salmiac.image.reference import Transport, parse_reference
 from salmiac.image.source import open_image
 from salmiac.image.tree import Tree
 from salmiac.progress import Progress
-from salmiac.protocol.appconfig import APP_CONFIG_PATH, ROOTFS_DIR, ROOTFS_VERITY, AppConfig, RootfsSpec
+from salmiac.protocol.appconfig import (
+    APP_CONFIG_PATH,
+    KEY_EPHEMERAL,
+    KEY_INSECURE_DEV,
+    ROOTFS_DIR,
+    ROOTFS_VERITY,
+    AppConfig,
+    RootfsSpec,
+)
 from salmiac.request import ConversionRequest, ConversionResponse
 from salmiac.rootfs.cpio import CpioWriter, write_tree
 from salmiac.rootfs.fsimage import SQUASHFS, build_fs_image
@@ -59,7 +67,9 @@ KERNEL_CMDLINE: Final = (
 )
 LAYER_TAR: Final = "application/vnd.oci.image.layer.v1.tar"
 LAYER_TAR_GZIP: Final = "application/vnd.oci.image.layer.v1.tar+gzip"
-PARENT_PACKAGES: Final = ("python3.11-minimal", "libpython3.11-stdlib")
+# The parent runtime inside the converted image (what runs on the Nitro host): Python and the stdlib, pyroute2 and
+# nftables for the network relay, ethtool to turn GRO/LRO off on the uplink.
+PARENT_PACKAGES: Final = ("python3.11-minimal", "libpython3.11-stdlib", "python3-pyroute2", "nftables", "ethtool")
 RUNTIME_HEADROOM_MIB: Final = 256  # kernel, init and a small app beyond the unpacked initramfs
 ROOTFS_AUTO_VERITY_BYTES: Final = 256 << 20
 """rootfs "auto": app files above this size go to a verity image served over NBD instead of enclave RAM."""
@@ -86,6 +96,7 @@ class BuiltEif:
     sha256: str
     pcrs: dict[str, str]
     unpacked_bytes: int
+    app: AppConfig
     rootfs_image: Path | None = None  # the verity rootfs, when the app's files are not in the initramfs
 
 
@@ -105,6 +116,8 @@ def app_config_for(image: ImageConfig, req: ConversionRequest, image_id: str) ->
         stop_signal=stop_signal,
         exposed_ports=sorted(image.exposed_ports or []),
         overlay_persistence=opts.enable_overlay_filesystem_persistence,
+        volumes=sorted({v.rstrip("/") or "/" for v in image.volumes} - {"/"}),
+        key_provider=KEY_INSECURE_DEV if opts.insecure_dev_key else KEY_EPHEMERAL,
         allow_cmdline_args=opts.allow_cmdline_args,
         image_digest=image_id,
     )
@@ -204,7 +217,7 @@ def build_eif(req: ConversionRequest, source_config: ImageConfig, tree: Tree, *,
         rd.unlink()
     pcrs = {k: v for k, v in info.pcrs.to_json().items() if k.startswith("PCR")}
     return BuiltEif(path=eif_path, size=info.size, sha256=info.sha256, pcrs=pcrs, unpacked_bytes=unpacked,
-                    rootfs_image=rootfs_image)
+                    app=app, rootfs_image=rootfs_image)
 
 
 def memory_needed_mib(eif: BuiltEif) -> int:
@@ -388,7 +401,8 @@ def convert(req: ConversionRequest, *, cache_dir: Path | None = None, progress: 
                                f"{needed}M this image needs")
         run = RunConfig(cpu_count=opts.cpu_count, memory_mib=opts.mem_size_mib, eif_sha256=eif.sha256,
                         pcrs=eif.pcrs, debug=req.converter_options.debug, image_name=req.input_image.name,
-                        rootfs_image=ROOTFS_IMAGE_NAME if eif.rootfs_image is not None else "")
+                        rootfs_image=ROOTFS_IMAGE_NAME if eif.rootfs_image is not None else "",
+                        disk=eif.app.needs_disk, key_provider=eif.app.key_provider)
         progress.note("writing the output image")
         layers = [build_parent_layer(cache, workdir), build_bundle_layer(eif, run, workdir)]
         config = output_config(layers, run, req.input_image.name)

@@ -49,6 +49,9 @@ class ConverterOptions:
     # "verity" (a squashfs image the parent serves over NBD, checked by dm-verity against the measured root
     # hash: images larger than enclave memory), "auto" (verity above ROOTFS_AUTO_VERITY_BYTES).
     rootfs: str = "auto"
+    # Set only by `salmiac convert --insecure-dev-key`, never from the request: persistent storage under a fixed,
+    # public key. Measured (the app config records the key provider), so a verifier sees it in the PCRs.
+    insecure_dev_key: bool = False
 
 
 @dataclass(frozen=True, slots=True)

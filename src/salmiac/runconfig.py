@@ -23,6 +23,7 @@ EIF_NAME: Final = "enclave.eif"
 ROOTFS_IMAGE_NAME: Final = "rootfs.img"  # the verity rootfs (squashfs + appended hash tree), when there is one
 RUN_CONFIG_VERSION: Final = 1
 MIN_MEMORY_MIB: Final = 64  # NE_ERR_ENCLAVE_MEM_MIN_SIZE
+DEFAULT_RW_STORAGE_MIB: Final = 1024  # the RW disk's size on first use, unless RW_STORAGE_SIZE says otherwise
 MAX_CPUS: Final = 128
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
@@ -52,6 +53,8 @@ class RunConfig:
     rw_storage_mib: int = 0
     image_name: str = ""
     rootfs_image: str = ""  # file name in the bundle of the verity rootfs the parent serves over NBD
+    disk: bool = False  # the enclave attaches the RW disk (the image has VOLUMEs, or overlay persistence)
+    key_provider: str = ""  # what keys that disk (copied from the measured app config, for the parent's checks)
     version: int = RUN_CONFIG_VERSION
 
     def __post_init__(self) -> None:

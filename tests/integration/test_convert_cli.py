@@ -38,6 +38,16 @@ def test_output_image_is_accepted_by_skopeo_and_umoci(busybox_image: OciImage, t
     eif = bundle / "rootfs/opt/salmiac/enclave.eif"
     assert hashlib.sha256(eif.read_bytes()).hexdigest() == response["eif"]["sha256"]
     assert (bundle / "rootfs/usr/bin/python3.11").exists()  # the parent runtime
+    root = str(bundle / "rootfs")
+    helped = subprocess.run(["chroot", root, "/opt/salmiac/bin/salmiac", "run", "--help"], capture_output=True)
+    assert helped.returncode == 0 and b"--network" in helped.stdout, helped.stderr.decode()
+    # What the parent needs on a Nitro host, from the image's own packages (not this machine's).
+    code = ("import sys; sys.path.insert(0, '/opt/salmiac/lib'); import salmiac.parent.netrelay, "
+            "salmiac.parent.nitro, salmiac.parent.nbd_server; from pyroute2.iproute.linux import IPRoute; print('ok')")
+    imported = subprocess.run(["chroot", root, "/usr/bin/python3.11", "-I", "-c", code], capture_output=True)
+    assert imported.stdout.strip() == b"ok", imported.stderr.decode()
+    for tool in ("usr/sbin/nft", "usr/sbin/ethtool"):
+        assert (bundle / "rootfs" / tool).exists(), tool
 
 
 def test_docker_archive_output(busybox_image: OciImage, tmp_path: Path) -> None:

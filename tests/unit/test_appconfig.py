@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from typing import Any
 
 import pytest
@@ -197,3 +198,25 @@ def test_random_field_values_only_raise_app_config_error(fields: dict[str, Any])
     # Anything accepted is well typed: it serialises and reads back identically.
     assert AppConfig.from_json(config.to_json()) == config
     assert all(isinstance(v, str) for v in (config.rootfs.type, config.rootfs.path, config.user))
+
+
+def test_volumes_and_key_provider_are_checked() -> None:
+    from salmiac.protocol.appconfig import KEY_INSECURE_DEV
+
+    good = AppConfig(volumes=["/data", "/var/lib/db"], key_provider=KEY_INSECURE_DEV)
+    assert AppConfig.from_json(good.to_json()) == good and good.needs_disk
+    assert not AppConfig().needs_disk and AppConfig(overlay_persistence=True).needs_disk
+    assert b"volumes" not in AppConfig().to_json() and b"key_provider" not in AppConfig().to_json()
+    base = json.loads(AppConfig().to_json())
+    for bad in ({"volumes": ["data"]}, {"volumes": ["/"]}, {"volumes": ["/x"] * 65}, {"key_provider": "kms"},
+                {"volumes": "/data"}):
+        with pytest.raises(AppConfigError):
+            AppConfig.from_json(json.dumps({**base, **bad}).encode())
+
+
+def test_volume_dirs_on_the_disk_are_distinct_and_flat() -> None:
+    from salmiac.enclave.storage import DISK_DIR, _volume_dir
+
+    names = [_volume_dir(p) for p in ("/a/b", "/a%2Fb", "/a_b", "/a/b/")]
+    assert len(set(names[:3])) == 3
+    assert all(os.path.dirname(n) == f"{DISK_DIR}/volumes" for n in names)

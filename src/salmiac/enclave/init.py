@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from salmiac import __version__
-from salmiac.enclave import channel, sysutil
+from salmiac.enclave import channel, storage, sysutil
 from salmiac.enclave.appspec import AppSpecError, build_process_spec, resolve_in_root
 from salmiac.enclave.supervisor import CGROUP_ROOT, Supervisor
 from salmiac.errors import SalmiacError
@@ -108,7 +108,9 @@ def early_mounts() -> None:
         os.makedirs(CGROUP_ROOT, exist_ok=True)
         sysutil.mount("cgroup2", CGROUP_ROOT, "cgroup2", sysutil.MS_NOSUID | sysutil.MS_NODEV)
     with contextlib.suppress(OSError):
-        fd = os.open("/dev/console", os.O_RDWR)
+        # Non-blocking: the emulated UART drains slowly, and a full console must never stall PID 1 (everything
+        # it logs also goes to the parent over the control channel); a message that would block is dropped.
+        fd = os.open("/dev/console", os.O_RDWR | os.O_NONBLOCK)
         for target in (0, 1, 2):
             os.dup2(fd, target)
         if fd > 2:
@@ -146,8 +148,8 @@ def heartbeat(transport: str) -> None:
         ch.close()
 
 
-def prepare_rootfs(root: str) -> None:
-    """Kernel filesystems inside the app's root, as a container runtime provides them."""
+def prepare_rootfs(root: str) -> list[str]:
+    """Kernel filesystems inside the app's root, as a container runtime provides them; returns the mount points."""
     mounts = (
         ("proc", "proc", "proc", sysutil.MS_NOSUID | sysutil.MS_NODEV | sysutil.MS_NOEXEC, None),
         ("sysfs", "sys", "sysfs", sysutil.MS_NOSUID | sysutil.MS_NODEV | sysutil.MS_NOEXEC, None),
@@ -155,12 +157,14 @@ def prepare_rootfs(root: str) -> None:
         ("devpts", "dev/pts", "devpts", sysutil.MS_NOSUID | sysutil.MS_NOEXEC, "newinstance,ptmxmode=0666"),
         ("shm", "dev/shm", "tmpfs", sysutil.MS_NOSUID | sysutil.MS_NODEV, "mode=1777"),
     )
+    mounted: list[str] = []
     for source, rel, fstype, flags, data in mounts:
         target = os.path.join(root, rel)
         if os.path.islink(target):  # never let the image redirect a kernel mount
             os.unlink(target)
         os.makedirs(target, exist_ok=True)
         sysutil.mount(source, target, fstype, flags, data)
+        mounted.append(target)
     etc = os.path.join(root, "etc")
     if not os.path.islink(etc):
         os.makedirs(etc, exist_ok=True)
@@ -173,6 +177,7 @@ def prepare_rootfs(root: str) -> None:
             if not os.path.lexists(path):
                 with open(path, "w") as f:
                     f.write(content)
+    return mounted
 
 
 def start_network(link: ParentLink, start: control.Start, transport: str, root: str) -> str:
@@ -200,20 +205,25 @@ def start_network(link: ParentLink, start: control.Start, transport: str, root: 
 
 
 def run_app(link: ParentLink, start: control.Start, app: AppConfig, transport: str) -> control.Exited:
-    if app.rootfs.type == ROOTFS_VERITY:
-        from salmiac.enclave import storage
-
-        root = storage.attach_verity_rootfs(app.rootfs, transport)
-    elif app.rootfs.type == ROOTFS_IN_INITRAMFS:
-        root = app.rootfs.path
-    else:
+    """Storage up (rootfs, disk, volumes), the app run, storage closed cleanly before the exit is reported."""
+    if app.rootfs.type not in (ROOTFS_VERITY, ROOTFS_IN_INITRAMFS):
         raise AppSpecError(f"rootfs type {app.rootfs.type!r} is not supported by this init")
+    store = storage.prepare_root(app, transport, link.log)
+    try:
+        return _run_in_root(link, start, app, transport, store)
+    finally:
+        store.close()
+
+
+def _run_in_root(link: ParentLink, start: control.Start, app: AppConfig, transport: str,
+                 store: storage.Storage) -> control.Exited:
+    root = store.root
     args, runtime_env = start.args, start.env
     if not app.allow_cmdline_args and (args is not None or runtime_env):
         link.log("warning", "run-time arguments and environment ignored: the image was converted with "
                             "allow_cmdline_args=false")
         args, runtime_env = None, []
-    prepare_rootfs(root)
+    store.mounts.extend(prepare_rootfs(root))
     hostname = start_network(link, start, transport, root)
     spec = build_process_spec(
         root,

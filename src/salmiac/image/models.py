@@ -388,6 +388,7 @@ class ImageConfig:
     diff_ids: tuple[str, ...]
     raw: bytes
     doc: Mapping[str, Any]
+    volumes: tuple[str, ...] = ()
 
     @property
     def platform(self) -> Platform:
@@ -443,6 +444,7 @@ def parse_config(data: bytes, what: str = "config") -> ImageConfig:
         working_dir=_opt_str(container, "WorkingDir", what),
         user=_opt_str(container, "User", what),
         exposed_ports=_key_set(container.get("ExposedPorts"), f"{what}: ExposedPorts"),
+        volumes=_key_set(container.get("Volumes"), f"{what}: Volumes"),
         labels=_str_map(container.get("Labels"), f"{what}: Labels"),
         stop_signal=_opt_str(container, "StopSignal", what),
         diff_ids=checked_ids,

@@ -58,6 +58,18 @@ def _tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
+def _die_with_parent() -> None:
+    """In QEMU's child before exec: SIGKILL it when the parent dies, even by SIGKILL. A QEMU that outlived its
+    parent would keep the enclave running with nobody serving its disk or reading its output."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def prepare_boot_files(eif_path: Path, workdir: Path) -> tuple[Path, Path, str]:
     """Kernel, one initrd (the EIF's ramdisks concatenated, as Nitro loads them), cmdline."""
     image = read_eif(eif_path)
@@ -181,7 +193,7 @@ class EmulatedEnclave:
         log.debug("starting %s", " ".join(argv))
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent,
         )
         self._proc = proc
         try:

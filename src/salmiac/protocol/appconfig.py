@@ -20,6 +20,12 @@ ROOTFS_FILESYSTEMS: Final = ("squashfs",)
 ROOTFS_DIR: Final = "rootfs"  # where ramdisk[1] carries the app's files, relative to the initramfs root
 DEFAULT_STOP_TIMEOUT: Final = 10  # seconds between the stop signal and SIGKILL, as `docker stop`
 MAX_LIST: Final = 4096
+MAX_VOLUMES: Final = 64
+KEY_EPHEMERAL: Final = "ephemeral"
+"""The RW disk's key is random, made in the enclave at each boot: encrypted scratch space, nothing persists."""
+KEY_INSECURE_DEV: Final = "insecure-dev-key"
+"""A fixed, public key: data persists across runs but anyone with the disk file can read it. Development only."""
+KEY_PROVIDERS: Final = (KEY_EPHEMERAL, KEY_INSECURE_DEV)
 
 
 class AppConfigError(ValueError):
@@ -52,16 +58,28 @@ class AppConfig:
     stop_timeout: int = DEFAULT_STOP_TIMEOUT
     exposed_ports: list[str] = field(default_factory=list)
     overlay_persistence: bool = False
+    volumes: list[str] = field(default_factory=list)  # the image's VOLUMEs: on the RW disk, persistent
+    key_provider: str = KEY_EPHEMERAL
     allow_cmdline_args: bool = True  # may the parent replace CMD and add env at run time
     rootfs: RootfsSpec = field(default_factory=RootfsSpec)
     image_name: str = ""
     image_digest: str = ""
     version: int = APP_CONFIG_VERSION
 
+    @property
+    def needs_disk(self) -> bool:
+        """Whether the enclave attaches the RW disk: something must live on it."""
+        return bool(self.volumes) or self.overlay_persistence
+
     def to_json(self) -> bytes:
         data = asdict(self)
-        if data["rootfs"]["type"] == ROOTFS_IN_INITRAMFS:  # the verity-only keys stay out of older configs' bytes
+        # Keys at their defaults that older configs did not have stay out, so those configs keep their bytes.
+        if data["rootfs"]["type"] == ROOTFS_IN_INITRAMFS:
             del data["rootfs"]["fs"], data["rootfs"]["verity"]
+        if not data["volumes"]:
+            del data["volumes"]
+        if data["key_provider"] == KEY_EPHEMERAL:
+            del data["key_provider"]
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -82,8 +100,13 @@ class AppConfig:
         unknown = set(data) - known
         if unknown:
             raise AppConfigError(f"unknown app config field {sorted(unknown)[0]!r}")
-        for name in ("entrypoint", "cmd", "env", "exposed_ports"):
+        for name in ("entrypoint", "cmd", "env", "exposed_ports", "volumes"):
             _check_str_list(name, data.get(name, []))
+        volumes = data.get("volumes", [])
+        if len(volumes) > MAX_VOLUMES or any(not v.startswith("/") or v.rstrip("/") == "" for v in volumes):
+            raise AppConfigError("app config volumes must be absolute paths other than /, at most 64")
+        if data.get("key_provider", KEY_EPHEMERAL) not in KEY_PROVIDERS:
+            raise AppConfigError(f"app config key_provider {data.get('key_provider')!r} is unknown")
         for name in ("working_dir", "user", "image_name", "image_digest"):
             if not isinstance(data.get(name, ""), str):
                 raise AppConfigError(f"app config {name} must be a string")

@@ -9,7 +9,6 @@ client namespace and fetches a page from it.
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +16,17 @@ import pytest
 
 from fixtures.images import OciImage
 from helpers.cli import convert
-from helpers.enclave_net import CLIENT_IP, PAGE, PARENT_IP, WEB_NAME, Hosts, redis, run_enclave, stop_enclave
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from netns_topology import have_netns_tools
+from helpers.enclave_net import (
+    CLIENT_IP,
+    PAGE,
+    PARENT_IP,
+    WEB_NAME,
+    Hosts,
+    have_netns_tools,
+    redis,
+    run_enclave,
+    stop_enclave,
+)
 
 pytestmark = [
     pytest.mark.e2e,

@@ -12,23 +12,14 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from helpers.cli import SALMIAC
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from netns_topology import have_netns_tools, wait_until
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
+__all__ = ["have_netns_tools", "wait_until"]
 
 
 CLIENT_IP, PARENT_IP = "10.78.0.1", "10.78.0.2"

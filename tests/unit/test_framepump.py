@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from salmiac.framepump import FramePump, complete_checksum, dst_port, ones_complement_checksum
+from salmiac.framepump import FdStream, FramePump, complete_checksum, dst_port, ones_complement_checksum
 from salmiac.protocol.frames import FrameDecoder, FrameEncoder, encode_raw
 
 
@@ -104,11 +104,15 @@ class FakePort:
         self.theirs.close()
 
 
+@pytest.mark.parametrize("fd_stream", [False, True], ids=["socket", "fd-stream"])
 @pytest.mark.parametrize("threads", [True, False], ids=["two-threads", "event-loop"])
-def test_pump_both_ways_counts_and_survives_garbage(threads: bool) -> None:
+def test_pump_both_ways_counts_and_survives_garbage(threads: bool, fd_stream: bool) -> None:
+    """``fd_stream``: the stream as the enclave has it in emulation (a virtio-serial port: plain read/write on an
+    fd, no socket calls); a socket's fd stands in for the port."""
     port = FakePort()
     near, far = socket.socketpair()
-    pump = FramePump(port, near, batch_bytes=1 << 17, threads=threads)
+    stream = FdStream(near.fileno()) if fd_stream else near
+    pump = FramePump(port, stream, batch_bytes=1 << 17, threads=threads)
     t = threading.Thread(target=pump.run)
     t.start()
     frames = [bytes([i]) * (20 + i) for i in range(50)]
@@ -125,7 +129,7 @@ def test_pump_both_ways_counts_and_survives_garbage(threads: bool) -> None:
         dec.receive_data(far.recv(65536))
         out += dec.frames()
     assert out == frames
-    far.close()  # end of stream ends the pump
+    far.close()  # end of stream ends the pump (read() gives 0 on a serial port's fd as on a socket)
     t.join(timeout=10)
     assert not t.is_alive()
     assert pump.stats.from_stream.dropped_oversize == 1

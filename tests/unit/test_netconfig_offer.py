@@ -87,3 +87,23 @@ def test_rules_text() -> None:
     assert "masquerade" in pub
     with pytest.raises(RequestError):
         transparent_rules('eth0" ; flush ruleset')
+
+
+def test_choose_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from salmiac.parent import netrelay
+    from salmiac.parent.netrelay import NetworkOptions, choose_mode
+
+    monkeypatch.setattr(netrelay, "network_unavailable", lambda: None)
+    assert choose_mode(NetworkOptions(), nitro=True) == "transparent"
+    assert choose_mode(NetworkOptions(), nitro=False) == "published"
+    assert choose_mode(NetworkOptions(publish=(PortMapping(80, 80),)), nitro=True) == "published"
+    assert choose_mode(NetworkOptions(mode="transparent"), nitro=False) == "transparent"
+    assert choose_mode(NetworkOptions(mode="none"), nitro=True) is None
+    with pytest.raises(RequestError, match="-p needs a network"):
+        choose_mode(NetworkOptions(mode="none", publish=(PortMapping(80, 80),)), nitro=False)
+    monkeypatch.setattr(netrelay, "network_unavailable", lambda: "it needs root (CAP_NET_ADMIN)")
+    assert choose_mode(NetworkOptions(), nitro=False) is None, "auto without root: no network, not an error"
+    with pytest.raises(RequestError, match="needs root"):
+        choose_mode(NetworkOptions(mode="published"), nitro=False)
+    with pytest.raises(RequestError, match="needs root"):
+        choose_mode(NetworkOptions(publish=(PortMapping(80, 80),)), nitro=False)

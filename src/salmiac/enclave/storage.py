@@ -23,6 +23,7 @@ import hashlib
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -241,8 +242,18 @@ def attach_disk(app: AppConfig, transport: str, storage: Storage) -> None:
     except OSError as exc:
         raise StorageError(f"mount the RW disk: {exc}") from exc
     storage.mounts.append(DISK_DIR)
-    for d in ("volumes", "overlay/upper", "overlay/work"):
-        os.makedirs(os.path.join(DISK_DIR, d), exist_ok=True)
+    for d in ("volumes", "overlay", "overlay/upper", "overlay/work"):
+        _plain_dir(os.path.join(DISK_DIR, d))
+
+
+def _plain_dir(path: str) -> None:
+    """Make ``path`` a directory, refusing a symlink there: with the public dev key the parent can write the
+    disk's filesystem, and a link must not turn a bind mount or an overlay dir into one of the enclave's own."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o755)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"{path} on the RW disk is not a directory")
 
 
 def prepare_root(app: AppConfig, transport: str, log: Callable[[str, str], None]) -> Storage:
@@ -289,7 +300,9 @@ def _mount_volume(storage: Storage, volume: str) -> None:
     the image has at that path, as docker fills a new named volume."""
     target = resolve_in_root(storage.root, volume)  # symlinks in the image resolve inside its root, never out
     source = _volume_dir(volume)
-    if not os.path.isdir(source):
+    if os.path.lexists(source):
+        _plain_dir(source)
+    else:
         staging = source + ".new"
         shutil.rmtree(staging, ignore_errors=True)
         if os.path.isdir(target) and not os.path.islink(target):

@@ -36,8 +36,13 @@ SALMIAC = [sys.executable, "-m", "salmiac"]
 
 def iperf(h: Hosts, seconds: int, reverse: bool) -> float:
     args = ["iperf3", "-c", PARENT_IP, "-t", str(seconds), "-J", *(["-R"] if reverse else [])]
-    out = json.loads(h.ns(h.client, *args, timeout=seconds + 120).stdout)
-    return float(out["end"]["sum_received"]["bits_per_second"]) / 1e9
+    for _attempt in range(5):
+        out = json.loads(h.ns(h.client, *args, timeout=seconds + 120, check=False).stdout or "{}")
+        if "sum_received" in out.get("end", {}):
+            return float(out["end"]["sum_received"]["bits_per_second"]) / 1e9
+        # Under TCG the server may still be tearing the previous test down ("the server is busy").
+        time.sleep(2)
+    raise RuntimeError(f"iperf3 {' '.join(args)}: {out.get('error', out)}")
 
 
 def redis_rps(h: Hosts, requests: int) -> dict[str, float]:
@@ -79,7 +84,7 @@ def main() -> int:
         try:
             direct = [
                 h.spawn(h.parent, "redis-server", "--bind", PARENT_IP, "--port", "6379", "--save", "",
-                        "--appendonly", "no", log="redis-direct.log"),
+                        "--protected-mode", "no", "--appendonly", "no", log="redis-direct.log"),
                 h.spawn(h.parent, "iperf3", "--server", "--bind", PARENT_IP, log="iperf-direct.log"),
             ]
             wait_until(lambda: ":6379" in h.ns(h.parent, "ss", "-ltn").stdout, what="direct redis")

@@ -100,10 +100,12 @@ def main() -> None:
         shutil.rmtree(work / "out", ignore_errors=True)
         ours_conv.append(timed([*SALMIAC, "convert", "--quiet", str(req)]))
         std_dir = work / f"std{i}"
+        std_dir.mkdir()  # skopeo wants the layout's parent to exist
         std_conv.append(timed(["sh", "-c", f"skopeo copy {image.ref} oci:{std_dir}/layout:x && "
                                            f"umoci unpack --image {std_dir}/layout:x {std_dir}/bundle"]))
         shutil.rmtree(std_dir, ignore_errors=True)
-        ours_boot.append(first_line_time([*SALMIAC, "run", "--emulate", out], b'"argv"'))
+        # --network none: the floor has no network either (the relay's set-up is measured in bench_enclave_net)
+        ours_boot.append(first_line_time([*SALMIAC, "run", "--emulate", "--network", "none", out], b'"argv"'))
         floor_boot.append(first_line_time(qemu_floor, b"FLOOR-READY"))
     print("| benchmark | salmiac | standard | ratio (salmiac / standard) |")
     print("|---|---|---|---|")

@@ -402,7 +402,8 @@ def convert(req: ConversionRequest, *, cache_dir: Path | None = None, progress: 
         run = RunConfig(cpu_count=opts.cpu_count, memory_mib=opts.mem_size_mib, eif_sha256=eif.sha256,
                         pcrs=eif.pcrs, debug=req.converter_options.debug, image_name=req.input_image.name,
                         rootfs_image=ROOTFS_IMAGE_NAME if eif.rootfs_image is not None else "",
-                        disk=eif.app.needs_disk, key_provider=eif.app.key_provider)
+                        disk=eif.app.needs_disk, key_provider=eif.app.key_provider,
+                        rw_storage_mib=req.converter_options.rw_storage_size_mib or 0)
         progress.note("writing the output image")
         layers = [build_parent_layer(cache, workdir), build_bundle_layer(eif, run, workdir)]
         config = output_config(layers, run, req.input_image.name)

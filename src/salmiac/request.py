@@ -52,6 +52,8 @@ class ConverterOptions:
     # Set only by `salmiac convert --insecure-dev-key`, never from the request: persistent storage under a fixed,
     # public key. Measured (the app config records the key provider), so a verifier sees it in the PCRs.
     insecure_dev_key: bool = False
+    # The RW disk's size when the enclave first creates it (our extension; RW_STORAGE_SIZE overrides at run time).
+    rw_storage_size_mib: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +85,14 @@ class ConversionRequest:
                       optional={"converter_options", "nitro_enclaves_options"})
         conv = _object(obj.get("converter_options", {}), "converter_options", optional={
             "push_converted_image", "enable_overlay_filesystem_persistence", "env_vars", "allow_cmdline_args",
-            "debug", "entry_point", "entry_point_args", "rootfs",
+            "debug", "entry_point", "entry_point_args", "rootfs", "rw_storage_size",
         })
+        rw_size = conv.get("rw_storage_size")
+        rw_mib = None
+        if rw_size is not None:
+            if not isinstance(rw_size, str):
+                raise RequestError('converter_options.rw_storage_size: must be a string like "2G"')
+            rw_mib = parse_size_mib(rw_size, "converter_options.rw_storage_size")
         rootfs = conv.get("rootfs", "auto")
         if rootfs not in ROOTFS_MODES:
             raise RequestError(f"converter_options.rootfs: {rootfs!r} is not one of {', '.join(ROOTFS_MODES)}")
@@ -116,6 +124,7 @@ class ConversionRequest:
                 entry_point=_opt_list(conv, "entry_point"),
                 entry_point_args=_opt_list(conv, "entry_point_args"),
                 rootfs=rootfs,
+                rw_storage_size_mib=rw_mib,
             ),
             nitro_enclaves_options=NitroEnclavesOptions(cpu_count=cpu, mem_size_mib=mem_mib),
         )

@@ -39,7 +39,8 @@ def _convert(tmp: Path, image: OciImage, name: str, *flags: str, **options: Any)
 
 @pytest.fixture(scope="module")
 def dev_key_image(sqlite_image: OciImage, tmp_path_factory: pytest.TempPathFactory) -> str:
-    return _convert(tmp_path_factory.mktemp("storage"), sqlite_image, "devkey", "--insecure-dev-key")
+    return _convert(tmp_path_factory.mktemp("storage"), sqlite_image, "devkey", "--insecure-dev-key",
+                    rw_storage_size="256M")
 
 
 def run(image: str, storage: Path, script: str, *extra: str) -> subprocess.CompletedProcess[bytes]:
@@ -73,6 +74,8 @@ def test_volume_and_sqlite_persist_encrypted(dev_key_image: str, tmp_path: Path)
     assert b"sql-ok" in first.stdout
     assert b"INSECURE" in first.stderr, "the dev key is announced loudly"
     disk = tmp_path / "disk.img"
+    assert disk.stat().st_size == 256 << 20, "converter_options.rw_storage_size sizes the new disk"
+    assert disk.stat().st_blocks * 512 < disk.stat().st_size, "and it is sparse"
     dump = subprocess.run(["cryptsetup", "luksDump", str(disk)], capture_output=True, text=True, check=True).stdout
     assert dump.startswith("LUKS header information") and re.search(r"^Version:\s+2$", dump, re.M), dump
     assert not _contains(disk, MARKER), "the host never sees the plaintext"

@@ -71,6 +71,14 @@ BAD_REQUESTS = [
     ("registry-no-push", {"input_image": {"name": "oci:IN:latest"},
                           "output_image": {"name": "localhost:5000/x:y"}}, "push_converted_image"),
     ("not-json", "{not json", "JSON"),
+    ("rootfs-mode", {"input_image": {"name": "oci:IN:latest"}, "output_image": {"name": "oci:OUT:x"},
+                     "converter_options": {"rootfs": "nfs"}}, "converter_options.rootfs"),
+    ("rw-size", {"input_image": {"name": "oci:IN:latest"}, "output_image": {"name": "oci:OUT:x"},
+                 "converter_options": {"rw_storage_size": "huge"}}, "rw_storage_size"),
+    ("rw-size-number", {"input_image": {"name": "oci:IN:latest"}, "output_image": {"name": "oci:OUT:x"},
+                        "converter_options": {"rw_storage_size": 5}}, "rw_storage_size"),
+    ("dev-key-in-request", {"input_image": {"name": "oci:IN:latest"}, "output_image": {"name": "oci:OUT:x"},
+                            "converter_options": {"insecure_dev_key": True}}, "insecure_dev_key"),
 ]
 
 

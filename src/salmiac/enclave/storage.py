@@ -58,6 +58,7 @@ LUKS_FORMAT_OPTIONS = ("--type", "luks2", "--batch-mode", "--cipher", "aes-xts-p
                        "--hash", "sha256", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000")
 DEV_KEY = hashlib.sha256(b"salmiac insecure development key v1").digest()
 EXT4_MAGIC_OFFSET = 1080
+HEADER_COPY = "/run/salmiac-disk.luks-header"  # in the initramfs: enclave RAM
 BRIDGE_CHUNK = 256 * 1024
 NBD_DEVICE_WAIT_S = 10.0
 
@@ -145,6 +146,48 @@ def attach_verity_rootfs(spec: RootfsSpec, transport: str) -> str:
 # --- the RW disk ---------------------------------------------------------------------------------------------
 
 
+LUKS_CIPHER = "aes-xts-plain64"
+
+
+def check_luks_header(metadata: bytes) -> None:
+    """Refuse a LUKS2 header we did not make, before giving it the key.
+
+    The parent can replace the header. A keyslot whose area is not encrypted (``cipher_null``) opens with *any*
+    key and would hand us a volume key the parent chose, so our writes would be readable by it; a segment that is
+    not our cipher, or an extra keyslot or segment, has no business on this disk either. Checked from
+    ``cryptsetup luksDump --dump-json-metadata``; every keyslot, segment and digest must be as luksFormat with
+    ``LUKS_FORMAT_OPTIONS`` writes them.
+    """
+    import json
+
+    try:
+        doc = json.loads(metadata)
+        keyslots, segments, digests = doc["keyslots"], doc["segments"], doc["digests"]
+        if not (isinstance(keyslots, dict) and isinstance(segments, dict) and isinstance(digests, dict)):
+            raise TypeError("not maps")
+        if len(keyslots) != 1 or len(segments) != 1 or len(digests) != 1:
+            raise StorageError("the RW disk's LUKS header has other keyslots or segments than ours: refusing it")
+        for slot in keyslots.values():
+            if slot.get("type") != "luks2" or slot["area"].get("encryption") != LUKS_CIPHER:
+                raise StorageError(f"the RW disk's keyslot is encrypted with {slot['area'].get('encryption')!r}, "
+                                   f"not {LUKS_CIPHER}: refusing it")
+        for seg in segments.values():
+            if seg.get("type") != "crypt" or seg.get("encryption") != LUKS_CIPHER:
+                raise StorageError(f"the RW disk's data segment uses {seg.get('encryption')!r}, not {LUKS_CIPHER}: "
+                                   "refusing it")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StorageError(f"the RW disk's LUKS header is malformed: {exc}") from exc
+
+
+def _luks_metadata(header: str) -> bytes:
+    env = {"PATH": "/usr/sbin:/usr/bin", "DM_DISABLE_UDEV": "1", "LC_ALL": "C"}
+    proc = subprocess.run([CRYPTSETUP, "luksDump", "--dump-json-metadata", header], capture_output=True, env=env,
+                          timeout=120, check=False)
+    if proc.returncode != 0:
+        raise StorageError(f"cryptsetup luksDump: {proc.stderr.decode(errors='replace').strip()[-200:]}")
+    return proc.stdout
+
+
 def disk_key(provider: str) -> bytes:
     """The key provider interface. Attestation-based providers (a KMS releasing the key against the enclave's
     PCRs) come with the attestation issue; until then the only persistent provider is the public dev key."""
@@ -225,8 +268,19 @@ def attach_disk(app: AppConfig, transport: str, storage: Storage) -> None:
     if fresh:
         _run([CRYPTSETUP, "luksFormat", *LUKS_FORMAT_OPTIONS, "--key-file", "-", DISK_NBD], "cryptsetup luksFormat",
              stdin=key)
-    _run([CRYPTSETUP, "open", "--type", "luks2", "--key-file", "-", DISK_NBD, DISK_NAME],
-         "cryptsetup open (wrong key, or not this image's disk?)", stdin=key)
+    # The header is read once into enclave memory, checked there, and that copy is what opens the disk: the parent
+    # serves every read of the device and could show the check one header and cryptsetup another.
+    header = HEADER_COPY
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(header)
+    _run([CRYPTSETUP, "luksHeaderBackup", "--header-backup-file", header, DISK_NBD], "cryptsetup luksHeaderBackup")
+    try:
+        check_luks_header(_luks_metadata(header))  # also after our own luksFormat: the parent may have swapped it
+        _run([CRYPTSETUP, "open", "--type", "luks2", "--header", header, "--key-file", "-", DISK_NBD, DISK_NAME],
+             "cryptsetup open (wrong key, or not this image's disk?)", stdin=key)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(header)
     storage.mapped.append(DISK_NAME)
     mapper = f"/dev/mapper/{DISK_NAME}"
     if fresh or not _has_ext4(mapper):

@@ -30,10 +30,14 @@ def main() -> int:
     step("building a python3 image from Debian packages (cached after the first run)")
     image = build_python()
     print(f"input image: {image.ref}")
-    work = Path(tempfile.mkdtemp(prefix="salmiac-demo-"))
+    with tempfile.TemporaryDirectory(prefix="salmiac-demo-") as tmp:
+        return demo(image.ref, Path(tmp))
+
+
+def demo(image_ref: str, work: Path) -> int:
     output = f"oci:{work / 'converted'}:demo"
     request = {
-        "input_image": {"name": image.ref},
+        "input_image": {"name": image_ref},
         "output_image": {"name": output},
         "converter_options": {"env_vars": ["APP_MODE=demo"]},
         "nitro_enclaves_options": {"cpu_count": 1, "mem_size": "1024M"},

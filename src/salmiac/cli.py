@@ -73,8 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     add_tls(r)
     r.add_argument("rest", nargs=argparse.REMAINDER, metavar="IMAGE [ARGS...]")
 
-    i = sub.add_parser("inspect", help="describe an EIF, like `nitro-cli describe-eif`")
-    i.add_argument("eif", type=Path)
+    i = sub.add_parser("inspect", help="describe an EIF (or a converted image's EIF), like `nitro-cli describe-eif`")
+    i.add_argument("eif", metavar="EIF|IMAGE", help="an .eif file, or a converted image (oci:DIR:TAG, ...)")
+    add_tls(i)
     return p
 
 
@@ -207,10 +208,17 @@ def _network_relay(args: argparse.Namespace, *, nitro: bool) -> NetRelay | None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from salmiac.eif.reader import read_eif
+    from salmiac.runconfig import EIF_NAME
 
-    if not args.eif.is_file():
-        raise RequestError(f"{args.eif}: no such file")
-    sys.stdout.write(json.dumps(read_eif(args.eif).describe(), indent=2) + "\n")
+    eif = Path(args.eif)
+    if not eif.is_file():
+        if ":" not in args.eif:
+            raise RequestError(f"{args.eif}: no such file (give an EIF, or a converted image such as oci:DIR:TAG)")
+        from salmiac.parent.bundle import extract_bundle
+
+        eif = extract_bundle(args.eif, _cache_dir(args), tls_verify=args.tls_verify == "true",
+                             ca_file=args.ca_file) / EIF_NAME
+    sys.stdout.write(json.dumps(read_eif(eif).describe(), indent=2) + "\n")
     return 0
 
 

@@ -71,6 +71,8 @@ def test_inspect_matches_convert_response(converted_python: tuple[str, dict[str,
     described = json.loads(proc.stdout)
     for pcr in ("PCR0", "PCR1", "PCR2"):
         assert described["Measurements"][pcr] == response["measurements"][pcr]
+    by_image = salmiac("inspect", f"oci:{layout}:python")  # the converted image itself, as a user has it
+    assert by_image.returncode == 0 and json.loads(by_image.stdout) == described, by_image.stderr.decode()
     assert (bundle / "enclave.eif").stat().st_size == response["eif"]["size"]
 
 
@@ -105,6 +107,18 @@ def test_sigterm_reaches_the_app_and_killed_app_reports_128_plus_n(busybox_image
     rest, err = proc.communicate(timeout=300)
     assert rest == b"got TERM\n", err.decode()
     assert proc.returncode == 7
+
+    # Ctrl-C in a terminal: SIGINT to the whole foreground process group, salmiac and whatever it started. QEMU
+    # must not die of it; the app gets SIGINT and its own exit status comes back.
+    script = "trap 'echo got INT; exit 3' INT; echo ready; while true; do sleep 1; done"
+    proc = subprocess.Popen([*SALMIAC, "run", "--emulate", out, "/bin/sh", "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, err = proc.communicate(timeout=300)
+    assert rest == b"got INT\n" and b"Traceback" not in err, err.decode()
+    assert proc.returncode == 3
 
     # An app killed by a signal is reported like a shell does: 128 + N.
     killed = salmiac("run", "--emulate", out, "/bin/sh", "-c", "kill -9 $$")

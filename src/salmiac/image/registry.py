@@ -242,7 +242,7 @@ class RegistryClient:
                 conn.close()
         assert last is not None  # the loop ran at least once and did not return
         if self.tls_verify and "TLS error" in str(last):
-            raise RegistryError(f"{last}; for a plain-HTTP registry use tls_verify=False") from last
+            raise RegistryError(f"{last}; for a plain-HTTP registry add --tls-verify=false") from last
         raise last
 
     def _note_challenge(self, header: str) -> None:

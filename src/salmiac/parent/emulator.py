@@ -194,6 +194,9 @@ class EmulatedEnclave:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent,
+            # Its own session: Ctrl-C in a terminal signals the whole foreground group, and QEMU must not die
+            # of it; we forward the signal to the app and QEMU ends when the enclave powers off (or with us).
+            start_new_session=True,
         )
         self._proc = proc
         try:

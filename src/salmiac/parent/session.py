@@ -102,11 +102,14 @@ class ControlSession:
                 event = self._conn.next_event()
             except control.RemoteProtocolError as exc:
                 raise RuntimeFailure(f"enclave broke the control protocol: {exc}") from exc
-            if isinstance(event, control.Message):
-                self._handle(event)
-                await self._writer.drain()
-                continue
-            if event is None:
-                break
-            data = await self._reader.read(READ_CHUNK)
+            try:
+                if isinstance(event, control.Message):
+                    self._handle(event)
+                    await self._writer.drain()
+                    continue
+                if event is None:
+                    break
+                data = await self._reader.read(READ_CHUNK)
+            except ConnectionError:
+                data = b""  # QEMU (or the enclave) went away: the same as end of stream, judged by the caller
             self._conn.receive_data(data)

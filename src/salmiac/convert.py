@@ -48,6 +48,7 @@ from salmiac.protocol.appconfig import (
     KEY_EPHEMERAL,
     KEY_INSECURE_DEV,
     ROOTFS_DIR,
+    ROOTFS_IN_INITRAMFS,
     ROOTFS_VERITY,
     AppConfig,
     RootfsSpec,
@@ -190,7 +191,7 @@ def build_eif(req: ConversionRequest, source_config: ImageConfig, tree: Tree, *,
     app = app_config_for(source_config, req, image_id)
     mode = req.converter_options.rootfs
     if mode == "auto":
-        mode = ROOTFS_VERITY if tree.total_file_bytes() > ROOTFS_AUTO_VERITY_BYTES else "initramfs"
+        mode = ROOTFS_VERITY if tree.total_file_bytes() > ROOTFS_AUTO_VERITY_BYTES else ROOTFS_IN_INITRAMFS
     rootfs_image: Path | None = None
     if mode == ROOTFS_VERITY:
         progress.note("building the rootfs image (squashfs + dm-verity)")

@@ -30,7 +30,7 @@ from salmiac.enclave.appspec import AppSpecError, build_process_spec, resolve_in
 from salmiac.enclave.supervisor import CGROUP_ROOT, Supervisor
 from salmiac.errors import SalmiacError
 from salmiac.protocol import control
-from salmiac.protocol.appconfig import APP_CONFIG_PATH, ROOTFS_IN_INITRAMFS, ROOTFS_VERITY, AppConfig
+from salmiac.protocol.appconfig import APP_CONFIG_PATH, AppConfig
 from salmiac.protocol.channels import CONTROL_PORT, HEARTBEAT_BYTE, HEARTBEAT_PORT, NETWORK_PORT
 
 DEFAULT_HOSTNAME = "enclave"
@@ -205,9 +205,8 @@ def start_network(link: ParentLink, start: control.Start, transport: str, root: 
 
 
 def run_app(link: ParentLink, start: control.Start, app: AppConfig, transport: str) -> control.Exited:
-    """Storage up (rootfs, disk, volumes), the app run, storage closed cleanly before the exit is reported."""
-    if app.rootfs.type not in (ROOTFS_VERITY, ROOTFS_IN_INITRAMFS):
-        raise AppSpecError(f"rootfs type {app.rootfs.type!r} is not supported by this init")
+    """Storage up (rootfs, disk, volumes), the app run, storage closed cleanly before the exit is reported.
+    ``AppConfig.from_json`` has refused rootfs types this init does not know."""
     store = storage.prepare_root(app, transport, link.log)
     try:
         return _run_in_root(link, start, app, transport, store)

@@ -23,11 +23,11 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from salmiac.enclave.sysutil import run_tool
 from salmiac.errors import RuntimeFailure, SalmiacError
 from salmiac.framepump import FramePump, Stream, TapPort, open_tap
 from salmiac.protocol.frames import ETH_HEADER, VLAN_TAG
@@ -67,13 +67,7 @@ def find_ip_command() -> tuple[str, ...]:
 
 
 def _ip(ip_cmd: Sequence[str], *args: str) -> None:
-    try:
-        proc = subprocess.run([*ip_cmd, *args], capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise NetworkSetupError(f"network: ip {' '.join(args)}: {exc}") from exc
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-        raise NetworkSetupError(f"network: ip {' '.join(args)}: {detail}")
+    run_tool([*ip_cmd, *args], f"network: ip {' '.join(args)}", NetworkSetupError, env=None, timeout=30)
 
 
 def configure_interface(cfg: NetworkConfig, ifname: str = ENCLAVE_IFNAME, ip_cmd: Sequence[str] | None = None) -> None:

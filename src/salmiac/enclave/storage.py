@@ -20,11 +20,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import socket
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -101,19 +101,29 @@ STEP_TIMES: dict[str, float] = {}
 """Seconds per storage command of this boot (logged by the init: TCG makes some of them slow)."""
 
 
-def _run(argv: list[str], what: str, stdin: bytes | None = None, check: bool = True) -> int:
-    env = {"PATH": "/usr/sbin:/usr/bin", "DM_DISABLE_UDEV": "1", "LC_ALL": "C"}  # no udev in the enclave
+def _run(argv: list[str], what: str, stdin: bytes | None = None) -> bytes:
+    """Run a storage tool, timed into STEP_TIMES; its stdout (a failure raises StorageError)."""
     started = time.monotonic()
-    try:
-        proc = subprocess.run(argv, capture_output=True, input=stdin, env=env, timeout=300, check=False)
-        STEP_TIMES[what.split(" (")[0]] = round(time.monotonic() - started, 2)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise StorageError(f"{what}: {exc}") from exc
-    if proc.returncode != 0 and check:
-        text = proc.stderr.decode(errors="replace").strip()
-        detail = (text.splitlines() or [f"exit status {proc.returncode}"])[-1]
-        raise StorageError(f"{what}: {detail}")
-    return proc.returncode
+    proc = sysutil.run_tool(argv, what, StorageError, stdin=stdin)
+    STEP_TIMES[what.split(" (")[0]] = round(time.monotonic() - started, 2)
+    return proc.stdout
+
+
+def _attach_nbd(port: int, export_name: str, device: str, transport: str, *, read_only: bool,
+                min_size: int = 0) -> nbd_client.KernelNbd:
+    """Channel → NBD handshake → ``device`` served by the kernel's NBD client. ``read_only``: the kernel device
+    is read-only whatever the parent offered; otherwise a read-only offer is refused. An export smaller than
+    ``min_size`` is refused before the kernel sees it."""
+    sock = nbd_socket(channel.connect(port, transport))
+    export = nbd_client.handshake(sock, export_name)
+    if export.size < min_size:
+        raise StorageError(f"the parent's {export_name} export has {export.size} bytes, {min_size} are needed")
+    if read_only:
+        export = dataclasses.replace(export, flags=export.flags | nbd.FLAG_HAS_FLAGS | nbd.FLAG_READ_ONLY)
+    elif export.read_only:
+        raise StorageError(f"the parent offered the {export_name} export read-only")
+    _wait_for(device)
+    return nbd_client.KernelNbd.attach(device, sock, export)
 
 
 def attach_verity_rootfs(spec: RootfsSpec, transport: str) -> str:
@@ -123,16 +133,9 @@ def attach_verity_rootfs(spec: RootfsSpec, transport: str) -> str:
     except VerityError as exc:
         raise StorageError(f"rootfs verity parameters: {exc}") from exc
     kmod.load_modules(list(MODULES))
-    ch = channel.connect(NBD_ROOTFS_PORT, transport)
-    sock = nbd_socket(ch)
-    export = nbd_client.handshake(sock, ROOTFS_EXPORT)
-    needed = info.hash_offset + info.hash_size
-    if export.size < needed or export.size < info.data_size:
-        raise StorageError(f"the parent's rootfs export has {export.size} bytes, the measured image {needed}")
     # Read-only for the kernel whatever the parent offered: nothing of ours ever writes to the rootfs.
-    export = dataclasses.replace(export, flags=export.flags | nbd.FLAG_HAS_FLAGS | nbd.FLAG_READ_ONLY)
-    _wait_for(ROOTFS_NBD)
-    nbd_client.KernelNbd.attach(ROOTFS_NBD, sock, export)
+    _attach_nbd(NBD_ROOTFS_PORT, ROOTFS_EXPORT, ROOTFS_NBD, transport, read_only=True,
+                min_size=max(info.hash_offset + info.hash_size, info.data_size))
     argv = veritysetup_open_args(info, ROOTFS_NBD, VERITY_NAME)
     _run([VERITYSETUP, *argv[1:]], "veritysetup open (rootfs)")
     os.makedirs(LOWER_DIR, exist_ok=True)
@@ -158,8 +161,6 @@ def check_luks_header(metadata: bytes) -> None:
     ``cryptsetup luksDump --dump-json-metadata``; every keyslot, segment and digest must be as luksFormat with
     ``LUKS_FORMAT_OPTIONS`` writes them.
     """
-    import json
-
     try:
         doc = json.loads(metadata)
         keyslots, segments, digests = doc["keyslots"], doc["segments"], doc["digests"]
@@ -177,15 +178,6 @@ def check_luks_header(metadata: bytes) -> None:
                                    "refusing it")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StorageError(f"the RW disk's LUKS header is malformed: {exc}") from exc
-
-
-def _luks_metadata(header: str) -> bytes:
-    env = {"PATH": "/usr/sbin:/usr/bin", "DM_DISABLE_UDEV": "1", "LC_ALL": "C"}
-    proc = subprocess.run([CRYPTSETUP, "luksDump", "--dump-json-metadata", header], capture_output=True, env=env,
-                          timeout=120, check=False)
-    if proc.returncode != 0:
-        raise StorageError(f"cryptsetup luksDump: {proc.stderr.decode(errors='replace').strip()[-200:]}")
-    return proc.stdout
 
 
 def disk_key(provider: str) -> bytes:
@@ -235,8 +227,10 @@ class Storage:
         self.mounts.clear()
         unmounted = time.monotonic()
         for name in reversed(self.mapped):
-            if _run([CRYPTSETUP, "close", name], f"cryptsetup close {name}", check=False) != 0:
-                self.log("warning", f"storage: cryptsetup close {name} failed")
+            try:
+                _run([CRYPTSETUP, "close", name], f"cryptsetup close {name}")
+            except StorageError as exc:
+                self.log("warning", f"storage: {exc}")
         self.mapped.clear()
         for dev in reversed(self.devices):
             try:
@@ -254,17 +248,12 @@ def attach_disk(app: AppConfig, transport: str, storage: Storage) -> None:
     kmod.load_modules(list(DISK_MODULES))
     with contextlib.suppress(OSError, RuntimeFailure):
         kmod.load_modules(["aesni_intel"])  # faster AES where the CPU has it; aes-generic otherwise
-    ch = channel.connect(NBD_DISK_PORT, transport)
-    sock = nbd_socket(ch)
-    export = nbd_client.handshake(sock, DISK_EXPORT)
-    if export.read_only:
-        raise StorageError("the parent offered the RW disk read-only")
-    _wait_for(DISK_NBD)
-    storage.devices.append(nbd_client.KernelNbd.attach(DISK_NBD, sock, export))
+    storage.devices.append(_attach_nbd(NBD_DISK_PORT, DISK_EXPORT, DISK_NBD, transport, read_only=False))
     key = disk_key(app.key_provider)
     if app.key_provider == KEY_INSECURE_DEV:
         storage.log("warning", "INSECURE: the persistent disk is keyed with the public development key")
-    fresh = app.key_provider == KEY_EPHEMERAL or _run([CRYPTSETUP, "isLuks", DISK_NBD], "isLuks", check=False) != 0
+    fresh = app.key_provider == KEY_EPHEMERAL or sysutil.run_tool(
+        [CRYPTSETUP, "isLuks", DISK_NBD], "isLuks", StorageError, check=False).returncode != 0
     if fresh:
         _run([CRYPTSETUP, "luksFormat", *LUKS_FORMAT_OPTIONS, "--key-file", "-", DISK_NBD], "cryptsetup luksFormat",
              stdin=key)
@@ -275,7 +264,8 @@ def attach_disk(app: AppConfig, transport: str, storage: Storage) -> None:
         os.unlink(header)
     _run([CRYPTSETUP, "luksHeaderBackup", "--header-backup-file", header, DISK_NBD], "cryptsetup luksHeaderBackup")
     try:
-        check_luks_header(_luks_metadata(header))  # also after our own luksFormat: the parent may have swapped it
+        # Also after our own luksFormat: the parent may have swapped the header since.
+        check_luks_header(_run([CRYPTSETUP, "luksDump", "--dump-json-metadata", header], "cryptsetup luksDump"))
         _run([CRYPTSETUP, "open", "--type", "luks2", "--header", header, "--key-file", "-", DISK_NBD, DISK_NAME],
              "cryptsetup open (wrong key, or not this image's disk?)", stdin=key)
     finally:
@@ -314,9 +304,10 @@ def prepare_root(app: AppConfig, transport: str, log: Callable[[str, str], None]
     """The app's root directory, with every storage piece the measured config asks for."""
     storage = Storage(root=app.rootfs.path, log=log)
     try:
-        lower = attach_verity_rootfs(app.rootfs, transport) if app.rootfs.type == ROOTFS_VERITY else app.rootfs.path
-        if lower == LOWER_DIR:
-            storage.mounts.append(LOWER_DIR)
+        lower = app.rootfs.path
+        if app.rootfs.type == ROOTFS_VERITY:
+            lower = attach_verity_rootfs(app.rootfs, transport)
+            storage.mounts.append(lower)
         if app.needs_disk:
             attach_disk(app, transport, storage)
         if app.overlay_persistence:

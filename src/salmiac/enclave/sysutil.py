@@ -1,10 +1,13 @@
-"""Thin wrappers over the few system calls Python's stdlib lacks (mount, umount, reboot), via libc."""
+"""Thin wrappers over the few system calls Python's stdlib lacks (mount, umount, reboot), via libc, and the one way
+the init runs a system tool (``run_tool``)."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 MS_RDONLY: Final = 1
@@ -60,3 +63,29 @@ def mounted(target: str) -> bool:
             return any(line.split()[1] == target for line in f if len(line.split()) > 1)
     except OSError:
         return False
+
+
+TOOL_ENV: Final = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DM_DISABLE_UDEV": "1", "LC_ALL": "C"}
+"""PID 1 starts with no PATH; there is no udev in the enclave for device-mapper tools to wait for."""
+
+
+def run_tool(
+    argv: Sequence[str],
+    what: str,
+    error: Callable[[str], Exception],
+    *,
+    stdin: bytes | None = None,
+    env: Mapping[str, str] | None = TOOL_ENV,
+    timeout: float = 300,
+    check: bool = True,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a tool (argv, never a shell). With ``check``, a failure raises ``error("WHAT: last stderr line")``; a
+    tool that cannot start or times out always does."""
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, input=stdin, env=env, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise error(f"{what}: {exc}") from exc
+    if proc.returncode != 0 and check:
+        text = proc.stderr.decode(errors="replace").strip()
+        raise error(f"{what}: {(text.splitlines() or [f'exit status {proc.returncode}'])[-1]}")
+    return proc

@@ -58,6 +58,9 @@ def _tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
+PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
     """In QEMU's child before exec: SIGKILL it when the parent dies, even by SIGKILL. A QEMU that outlived its
     parent would keep the enclave running with nobody serving its disk or reading its output."""
@@ -65,9 +68,6 @@ def _die_with_parent() -> None:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-PR_SET_PDEATHSIG = 1
 
 
 def prepare_boot_files(eif_path: Path, workdir: Path) -> tuple[Path, Path, str]:

@@ -553,9 +553,13 @@ def choose_mode(opts: NetworkOptions, *, nitro: bool) -> Mode | None:
 
 def relay_for(opts: NetworkOptions, *, nitro: bool) -> NetRelay | None:
     mode = choose_mode(opts, nitro=nitro)
-    if mode is None:
-        return None
-    names = read_name_settings(hostname=opts.hostname)
+    return None if mode is None else build_relay(mode, opts)
+
+
+def build_relay(mode: Mode, opts: NetworkOptions, etc: Path = Path("/etc")) -> NetRelay:
+    """The relay for ``mode``: names from the parent's ``etc`` (``--dns``/``--hostname`` win), the default
+    route's interface unless ``--uplink`` says otherwise."""
+    names = read_name_settings(etc, opts.hostname)
     if opts.dns is not None:
         names = NameSettings(opts.dns, names.search_domains, names.hostname, names.hosts)
     return NetRelay(mode, opts.uplink or default_uplink(), opts.publish, names)
@@ -607,13 +611,10 @@ def main(argv: list[str] | None = None) -> int:
     relay: NetRelay | None = None
     stop = threading.Event()
     try:
-        names = read_name_settings(args.etc, args.hostname)
-        if args.dns is not None:
-            names = NameSettings(
-                tuple(ipaddress.ip_address(a) for a in args.dns), names.search_domains, names.hostname, names.hosts
-            )
-        uplink = args.uplink or default_uplink()
-        relay = NetRelay(args.mode, uplink, [parse_publish(s) for s in args.publish], names)
+        dns = None if args.dns is None else tuple(ipaddress.ip_address(a) for a in args.dns)
+        opts = NetworkOptions(mode=args.mode, publish=tuple(parse_publish(s) for s in args.publish),
+                              uplink=args.uplink, dns=dns, hostname=args.hostname)
+        relay = build_relay(args.mode, opts, args.etc)
         listener = listen_stream(args.listen)
         offer = relay.setup()
         tmp = args.offer_out.with_suffix(".tmp")

@@ -13,20 +13,18 @@ import json
 import logging
 import shutil
 import signal
-import socket
 import sys
 from pathlib import Path
 
 from salmiac.errors import RuntimeFailure
 from salmiac.parent.nbd_server import Export, serve_socket
 from salmiac.parent.netrelay import NetRelay
-from salmiac.parent.ports import BulkPort
+from salmiac.parent.ports import BulkPort, vsock_listener
 from salmiac.parent.session import ControlSession, StartParams
 from salmiac.protocol.channels import CONTROL_PORT, NETWORK_PORT
 
 log = logging.getLogger("salmiac.parent")
 
-VMADDR_CID_ANY = 0xFFFFFFFF
 CONNECT_TIMEOUT = 300.0  # nitro-cli's own boot timeout is at least 180 s
 
 
@@ -48,28 +46,9 @@ async def _nitro_cli(*args: str) -> dict[str, object]:
 
 async def run_nitro(eif: Path, *, cpus: int, memory_mib: int, debug: bool, params: StartParams,
                     network: NetRelay | None = None, nbd_exports: dict[int, list[Export]] | None = None) -> int:
-    nbd_servers = []
-    for port, exports in (nbd_exports or {}).items():
-        nbd_listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        nbd_listener.bind((VMADDR_CID_ANY, port))
-        nbd_listener.listen(1)
-        nbd_servers.append(await serve_socket(nbd_listener, exports))
-    bulk: list[BulkPort] = []
-    if network is not None:
-        params.config["network"] = (await asyncio.to_thread(network.setup)).to_dict()
-        net_listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        net_listener.bind((VMADDR_CID_ANY, NETWORK_PORT))
-        net_listener.listen(1)
-        bulk.append(BulkPort("network", net_listener, network.run, network.stop))
-    for bp in bulk:
-        bp.start()
-    listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    listener.bind((VMADDR_CID_ANY, CONTROL_PORT))
-    listener.listen(1)
     conn: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
         asyncio.get_running_loop().create_future()
     )
-
     finished = asyncio.Event()
 
     async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -77,12 +56,22 @@ async def run_nitro(eif: Path, *, cpus: int, memory_mib: int, debug: bool, param
             conn.set_result((r, w))
             await finished.wait()  # the session owns the streams until the run is over
 
-    server = await asyncio.start_server(on_connect, sock=listener)
+    servers: list[asyncio.Server] = []
+    bulk: list[BulkPort] = []
     argv = ["run-enclave", "--eif-path", str(eif), "--cpu-count", str(cpus), "--memory", str(memory_mib)]
     if debug:
         argv.append("--debug-mode")
     enclave_id = ""
     try:
+        # Everything the enclave will connect to listens before it starts; all of it is undone in `finally`.
+        for port, exports in (nbd_exports or {}).items():
+            servers.append(await serve_socket(vsock_listener(port), exports))
+        if network is not None:
+            params.config["network"] = (await asyncio.to_thread(network.setup)).to_dict()
+            bulk.append(BulkPort("network", vsock_listener(NETWORK_PORT), network.run, network.stop))
+        for bp in bulk:
+            bp.start()
+        servers.append(await asyncio.start_server(on_connect, sock=vsock_listener(CONTROL_PORT)))
         info = await _nitro_cli(*argv)
         enclave_id = str(info.get("EnclaveID", ""))
         log.info("enclave %s started (CID %s)", enclave_id, info.get("EnclaveCID"))
@@ -105,11 +94,10 @@ async def run_nitro(eif: Path, *, cpus: int, memory_mib: int, debug: bool, param
             from None
     finally:
         finished.set()
-        server.close()
+        for server in servers:
+            server.close()
         for bp in bulk:
             await asyncio.to_thread(bp.stop)
-        for nbd_server in nbd_servers:
-            nbd_server.close()
         if network is not None:
             network.close()
         if enclave_id:

@@ -69,3 +69,18 @@ def unix_listener(path: str) -> socket.socket:
     s.bind(path)
     s.listen(1)
     return s
+
+
+VMADDR_CID_ANY = 0xFFFFFFFF
+
+
+def vsock_listener(port: int) -> socket.socket:
+    """A listening AF_VSOCK socket on ``port`` for any CID (on a Nitro parent, the enclave connects to CID 3)."""
+    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.bind((VMADDR_CID_ANY, port))
+        s.listen(1)
+    except BaseException:
+        s.close()
+        raise
+    return s

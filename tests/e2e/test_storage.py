@@ -141,3 +141,19 @@ def test_fsynced_records_survive_sigkill_of_the_parent(dev_key_image: str, tmp_p
     records = set(after.stdout.decode().split())
     missing = [i for i in range(1, last + 1) if f"record-{i}" not in records]
     assert not missing, f"fsync'd records lost: {missing[:10]}"
+
+
+def test_a_disk_that_is_neither_blank_nor_ours_is_never_formatted(dev_key_image: str, tmp_path: Path) -> None:
+    """Formatting is for never-written disks only: a disk the enclave cannot read as LUKS2 (another tool's, a
+    damaged one, a parent's trick) stays as it is, and the run fails saying why."""
+    disk = tmp_path / "disk.img"
+    with disk.open("wb") as f:
+        f.truncate(256 << 20)
+        f.seek(4096)
+        f.write(b"someone else's data" * 100)
+    before = disk.read_bytes()
+    proc = run(dev_key_image, tmp_path, "echo app-ran", "--insecure-dev-key")
+    assert proc.returncode != 0
+    assert b"app-ran" not in proc.stdout
+    assert b"neither blank nor LUKS2" in proc.stderr, proc.stderr.decode()
+    assert disk.read_bytes() == before, "not one byte written"

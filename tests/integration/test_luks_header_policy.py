@@ -7,13 +7,14 @@ the parent chose; extra keyslots or another data cipher are refused as well. Our
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from salmiac.enclave.storage import LUKS_FORMAT_OPTIONS, StorageError, check_luks_header
+from salmiac.enclave.storage import BLANK_PROBE, LUKS_FORMAT_OPTIONS, StorageError, check_luks_header, disk_is_blank
 
 pytestmark = pytest.mark.skipif(shutil.which("cryptsetup") is None, reason="needs cryptsetup")
 
@@ -29,8 +30,32 @@ def _format(path: Path, *options: str) -> bytes:
                           capture_output=True).stdout
 
 
-def test_our_own_format_passes(tmp_path: Path) -> None:
-    check_luks_header(_format(tmp_path / "ours.img", *LUKS_FORMAT_OPTIONS))
+def test_our_own_format_passes_and_names_the_data_offset(tmp_path: Path) -> None:
+    disk = tmp_path / "ours.img"
+    offset = check_luks_header(_format(disk, *LUKS_FORMAT_OPTIONS))
+    dump = subprocess.run(["cryptsetup", "luksDump", str(disk)], check=True, capture_output=True, text=True).stdout
+    found = re.search(r"^\s*offset:\s+(\d+) \[bytes\]", dump.split("Data segments:")[1], re.M)
+    assert found and offset == int(found.group(1)) == 16 << 20, dump
+
+
+def test_only_a_never_written_disk_counts_as_blank(tmp_path: Path) -> None:
+    """A new sparse disk is formatted; a formatted one, or one holding anything else, never is."""
+    new = tmp_path / "new.img"
+    subprocess.run(["truncate", "-s", "32M", str(new)], check=True)
+    assert disk_is_blank(str(new))
+    formatted = tmp_path / "ours.img"
+    _format(formatted, *LUKS_FORMAT_OPTIONS)
+    assert not disk_is_blank(str(formatted))
+    garbled = tmp_path / "garbled.img"
+    subprocess.run(["truncate", "-s", "32M", str(garbled)], check=True)
+    with garbled.open("r+b") as f:
+        f.seek(BLANK_PROBE - 1)
+        f.write(b"\x01")
+    assert not disk_is_blank(str(garbled)), "one byte anywhere in the header area is not blank"
+    tiny = tmp_path / "tiny.img"
+    tiny.write_bytes(bytes(4096))
+    with pytest.raises(StorageError, match="short read"):
+        disk_is_blank(str(tiny))
 
 
 def test_other_ciphers_and_extra_slots_are_refused(tmp_path: Path) -> None:

@@ -25,6 +25,17 @@ def test_ioctl_numbers_match_linux_header() -> None:
     assert ours == {name: found[name] for name in ours}
 
 
+@pytest.mark.skipif(not Path("/usr/include/linux/fs.h").exists(), reason="linux-libc-dev headers not installed")
+def test_blkgetsize64_matches_linux_header() -> None:
+    found = re.search(r"#define\s+BLKGETSIZE64\s+_IOR\(\s*(0x[0-9a-fA-F]+)\s*,\s*(\d+)\s*,\s*size_t\s*\)",
+                      Path("/usr/include/linux/fs.h").read_text())
+    assert found
+    read, size_t = 2, 8  # asm-generic/ioctl.h on x86-64
+    expected = read << 30 | size_t << 16 | int(found.group(1), 0) << 8 | int(found.group(2))
+    ours = nbd_client.BLKGETSIZE64
+    assert ours == expected
+
+
 @pytest.mark.parametrize(("export", "match"), [
     (NbdExport("x", 4096 * 3 + 1, 1, 1, 4096, 1 << 25), "not a multiple"),
     (NbdExport("x", 65536, 1, 65536, 65536, 1 << 25), "needs blocks of 65536"),

@@ -9,6 +9,9 @@ Stdlib only (it runs from the initramfs, with no nbd-client binary). Two parts, 
 * ``KernelNbd.attach(device, sock, export)``: the ioctls from linux/nbd.h that hand the socket to the
   kernel (NBD_SET_BLKSIZE, NBD_SET_SIZE_BLOCKS, NBD_SET_FLAGS, NBD_SET_SOCK) and a thread blocked in
   NBD_DO_IT for as long as the device lives; ``disconnect()`` sends NBD_DISCONNECT and NBD_CLEAR_SOCK.
+  ``attach`` returns only once the device shows the export's size: the kernel keeps the capacity at 0 until
+  NBD_DO_IT has started in that thread, and a reader in between would see an empty disk (``cryptsetup isLuks``
+  then says "not LUKS" and a formatted disk looks blank).
   This part needs the nbd kernel module, so it is exercised inside the QEMU guest, not on the host.
 
 NBD_SET_SIZE_BLOCKS is used instead of NBD_SET_SIZE because ``fcntl.ioctl`` passes an integer argument
@@ -22,7 +25,9 @@ import contextlib
 import fcntl
 import os
 import socket
+import struct
 import threading
+import time
 from dataclasses import dataclass
 
 from salmiac.errors import RuntimeFailure
@@ -39,10 +44,12 @@ NBD_SET_SIZE_BLOCKS = 0xAB07
 NBD_DISCONNECT = 0xAB08
 NBD_SET_TIMEOUT = 0xAB09
 NBD_SET_FLAGS = 0xAB0A
+BLKGETSIZE64 = 0x80081272  # linux/fs.h: _IOR(0x12, 114, size_t)
 
 HANDSHAKE_TIMEOUT_S = 30.0
 RECV_CHUNK = 64 * 1024
 KERNEL_BLOCK_SIZE = 4096  # what dm-verity and ext4 use; the kernel accepts 512..PAGE_SIZE
+START_TIMEOUT_S = 30.0  # NBD_DO_IT up and the capacity set; a thread start, even under TCG well below a second
 _C_INT_MAX = (1 << 31) - 1
 
 
@@ -174,7 +181,29 @@ class KernelNbd:
             raise NbdClientError(f"{device}: NBD setup ioctl failed: {exc.strerror}") from exc
         attached = cls(device, fd, sock)
         attached._thread.start()
+        try:
+            attached._wait_for_capacity(export.size, START_TIMEOUT_S)
+        except NbdClientError:
+            with contextlib.suppress(NbdClientError):  # the start failure is what the caller needs to hear
+                attached.disconnect(timeout_s=5.0)
+            raise
         return attached
+
+    def _wait_for_capacity(self, size: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if struct.unpack("=Q", fcntl.ioctl(self._fd, BLKGETSIZE64, bytes(8)))[0] == size:
+                    return
+            except OSError as exc:
+                raise NbdClientError(f"{self.device}: cannot read its size: {exc.strerror}") from exc
+            if not self._thread.is_alive():
+                why = self.error.strerror if self.error else "NBD_DO_IT returned"
+                raise NbdClientError(f"{self.device}: the kernel did not start the device: {why}")
+            if time.monotonic() > deadline:
+                raise NbdClientError(f"{self.device}: the kernel did not show the export's size within "
+                                     f"{timeout_s:.0f}s")
+            time.sleep(0.005)
 
     def _do_it(self) -> None:
         # Blocks (GIL released) until the device is disconnected or the socket dies.

@@ -61,6 +61,9 @@ EXT4_MAGIC_OFFSET = 1080
 HEADER_COPY = "/run/salmiac-disk.luks-header"  # in the initramfs: enclave RAM
 BRIDGE_CHUNK = 256 * 1024
 NBD_DEVICE_WAIT_S = 10.0
+# How much of a disk must be zero for it to count as never written: both LUKS2 header copies (16 KiB each with
+# cryptsetup's defaults) at the start, or the start of the data area (where mkfs writes the ext4 superblock).
+BLANK_PROBE = 64 * 1024
 
 
 class StorageError(RuntimeFailure):
@@ -152,8 +155,8 @@ def attach_verity_rootfs(spec: RootfsSpec, transport: str) -> str:
 LUKS_CIPHER = "aes-xts-plain64"
 
 
-def check_luks_header(metadata: bytes) -> None:
-    """Refuse a LUKS2 header we did not make, before giving it the key.
+def check_luks_header(metadata: bytes) -> int:
+    """Refuse a LUKS2 header we did not make, before giving it the key; the data segment's offset in bytes.
 
     The parent can replace the header. A keyslot whose area is not encrypted (``cipher_null``) opens with *any*
     key and would hand us a volume key the parent chose, so our writes would be readable by it; a segment that is
@@ -172,10 +175,14 @@ def check_luks_header(metadata: bytes) -> None:
             if slot.get("type") != "luks2" or slot["area"].get("encryption") != LUKS_CIPHER:
                 raise StorageError(f"the RW disk's keyslot is encrypted with {slot['area'].get('encryption')!r}, "
                                    f"not {LUKS_CIPHER}: refusing it")
-        for seg in segments.values():
-            if seg.get("type") != "crypt" or seg.get("encryption") != LUKS_CIPHER:
-                raise StorageError(f"the RW disk's data segment uses {seg.get('encryption')!r}, not {LUKS_CIPHER}: "
-                                   "refusing it")
+        (seg,) = segments.values()
+        if seg.get("type") != "crypt" or seg.get("encryption") != LUKS_CIPHER:
+            raise StorageError(f"the RW disk's data segment uses {seg.get('encryption')!r}, not {LUKS_CIPHER}: "
+                               "refusing it")
+        offset = int(seg["offset"])  # a decimal string in LUKS2's JSON
+        if offset < 0:
+            raise ValueError(f"data segment offset {offset}")
+        return offset
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StorageError(f"the RW disk's LUKS header is malformed: {exc}") from exc
 
@@ -188,6 +195,25 @@ def disk_key(provider: str) -> bytes:
     if provider == KEY_INSECURE_DEV:
         return DEV_KEY
     raise StorageError(f"unknown key provider {provider!r}")
+
+
+def _is_zero(device: str, offset: int, length: int) -> bool:
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise StorageError(f"{device}: short read at {offset} ({len(data)} of {length} bytes)")
+    return not any(data)
+
+
+def disk_is_blank(device: str) -> bool:
+    """True for a disk never written (the parent makes new ones sparse, all zeros): the only kind formatted.
+
+    A disk with our LUKS2 header is opened; anything else is refused rather than formatted over, so a failed or
+    garbled read can never turn into a wiped disk."""
+    return _is_zero(device, 0, BLANK_PROBE)
 
 
 def _has_ext4(device: str) -> bool:
@@ -252,8 +278,7 @@ def attach_disk(app: AppConfig, transport: str, storage: Storage) -> None:
     key = disk_key(app.key_provider)
     if app.key_provider == KEY_INSECURE_DEV:
         storage.log("warning", "INSECURE: the persistent disk is keyed with the public development key")
-    fresh = app.key_provider == KEY_EPHEMERAL or sysutil.run_tool(
-        [CRYPTSETUP, "isLuks", DISK_NBD], "isLuks", StorageError, check=False).returncode != 0
+    fresh = app.key_provider == KEY_EPHEMERAL or disk_is_blank(DISK_NBD)
     if fresh:
         _run([CRYPTSETUP, "luksFormat", *LUKS_FORMAT_OPTIONS, "--key-file", "-", DISK_NBD], "cryptsetup luksFormat",
              stdin=key)
@@ -262,10 +287,12 @@ def attach_disk(app: AppConfig, transport: str, storage: Storage) -> None:
     header = HEADER_COPY
     with contextlib.suppress(FileNotFoundError):
         os.unlink(header)
-    _run([CRYPTSETUP, "luksHeaderBackup", "--header-backup-file", header, DISK_NBD], "cryptsetup luksHeaderBackup")
+    _run([CRYPTSETUP, "luksHeaderBackup", "--header-backup-file", header, DISK_NBD],
+         "cryptsetup luksHeaderBackup (the RW disk is neither blank nor LUKS2: not formatting over it)")
     try:
         # Also after our own luksFormat: the parent may have swapped the header since.
-        check_luks_header(_run([CRYPTSETUP, "luksDump", "--dump-json-metadata", header], "cryptsetup luksDump"))
+        data_offset = check_luks_header(_run([CRYPTSETUP, "luksDump", "--dump-json-metadata", header],
+                                             "cryptsetup luksDump"))
         _run([CRYPTSETUP, "open", "--type", "luks2", "--header", header, "--key-file", "-", DISK_NBD, DISK_NAME],
              "cryptsetup open (wrong key, or not this image's disk?)", stdin=key)
     finally:
@@ -273,7 +300,11 @@ def attach_disk(app: AppConfig, transport: str, storage: Storage) -> None:
             os.unlink(header)
     storage.mapped.append(DISK_NAME)
     mapper = f"/dev/mapper/{DISK_NAME}"
-    if fresh or not _has_ext4(mapper):
+    if not _has_ext4(mapper):
+        # Only a data area never written since luksFormat gets a new filesystem (a boot that stopped between
+        # luksFormat and mkfs leaves one); anything else may be the app's data behind a damaged superblock.
+        if not fresh and not _is_zero(DISK_NBD, data_offset, BLANK_PROBE):
+            raise StorageError("the RW disk opened but holds no ext4 filesystem: not formatting over it")
         # Nothing zeroed up front (every byte goes through emulated AES and NBD: 45 s more per 1 GiB under TCG),
         # and noinit_itable at mount keeps the kernel from zeroing inode tables in the background (which would
         # also fill the sparse file). Safe with metadata_csum (Debian's ext4 default): unused inode tables and a

@@ -3,11 +3,14 @@
     sudo .venv/bin/python bench/bench_net.py [--runs 5] [--seconds 5] [--json out.json]
 
 Topology (tests/integration/netns_topology.py): client netns --veth--> parent netns (relay, AF_PACKET,
-transparent mode) --Unix socket--> enclave netns (TAP). The baseline is a second veth pair from the same
-client netns straight to a "direct" netns, measured in the same run. Two baselines are reported: the
-client veth with checksum/TSO offloads off (what the relay's uplink gets from a real NIC, and how the
-relay's client veth is configured), and with the kernel's default offloads (64 KiB TSO frames never cut
-to the MTU - an upper bound no frame relay can reach).
+transparent mode, segmentation offload on) --Unix socket--> enclave netns (TAP). The baseline is a second veth
+pair from the same client netns straight to a "direct" netns, measured in the same run, with the client's two
+veths configured alike in each of two settings:
+
+- ``default``: the kernel's default offloads. The client's TSO hands the parent 64 KiB segments, as GRO on a
+  real NIC does; the baseline is a plain veth pair as it comes.
+- ``nooffload``: checksum/TSO/GSO off on the client's veths: the parent gets MTU-sized frames (a NIC without
+  GRO); the baseline veth moves MTU-sized frames too.
 
 Measured: iperf3 TCP client -> enclave and enclave -> client (-R), redis-benchmark SET/GET requests/s.
 Figures are mean and spread (min..max) over ``--runs``.
@@ -105,8 +108,10 @@ def add_direct_pair(topo: Topology) -> str:
 
 
 def set_offloads(topo: Topology, on: bool) -> None:
+    """The client's veth to the relay (c0) and to the direct netns (c1), alike."""
     state = "on" if on else "off"
-    topo.ns(topo.client, "ethtool", "-K", "c1", "tx", state, "tso", state, "gso", state)
+    for dev in ("c0", "c1"):
+        topo.ns(topo.client, "ethtool", "-K", dev, "tx", state, "tso", state, "gso", state)
 
 
 def main() -> int:
@@ -132,24 +137,22 @@ def main() -> int:
             for run in range(args.runs):
                 for reverse in (False, True):
                     d = "enclave_to_client" if reverse else "client_to_enclave"
-                    set_offloads(topo, on=False)
-                    cpu0 = (cpu_seconds(relay_pid), cpu_seconds(enclave_pid))
-                    gbps = iperf(topo, topo.enclave, PARENT_IP, args.seconds, reverse)
-                    series.setdefault(f"relay_{d}_gbps", []).append(gbps)
-                    # CPU per GB moved: a figure that other load on the machine distorts far less than Gbit/s.
-                    gbytes = gbps * args.seconds / 8
-                    series.setdefault(f"cpu_s_per_gb_relay_{d}", []).append((cpu_seconds(relay_pid) - cpu0[0]) / gbytes)
-                    series.setdefault(f"cpu_s_per_gb_enclave_{d}", []).append(
-                        (cpu_seconds(enclave_pid) - cpu0[1]) / gbytes
-                    )
-                    series.setdefault(f"veth_nooffload_{d}_gbps", []).append(
-                        iperf(topo, direct, DIRECT_IP, args.seconds, reverse)
-                    )
-                    set_offloads(topo, on=True)
-                    series.setdefault(f"veth_default_{d}_gbps", []).append(
-                        iperf(topo, direct, DIRECT_IP, args.seconds, reverse)
-                    )
-                set_offloads(topo, on=False)
+                    for setting in ("default", "nooffload"):
+                        set_offloads(topo, on=setting == "default")
+                        cpu0 = (cpu_seconds(relay_pid), cpu_seconds(enclave_pid))
+                        gbps = iperf(topo, topo.enclave, PARENT_IP, args.seconds, reverse)
+                        series.setdefault(f"relay_{setting}_{d}_gbps", []).append(gbps)
+                        # CPU per GB moved: a figure other load on the machine distorts far less than Gbit/s.
+                        gbytes = gbps * args.seconds / 8
+                        series.setdefault(f"cpu_s_per_gb_relay_{setting}_{d}", []).append(
+                            (cpu_seconds(relay_pid) - cpu0[0]) / gbytes)
+                        series.setdefault(f"cpu_s_per_gb_enclave_{setting}_{d}", []).append(
+                            (cpu_seconds(enclave_pid) - cpu0[1]) / gbytes
+                        )
+                        series.setdefault(f"veth_{setting}_{d}_gbps", []).append(
+                            iperf(topo, direct, DIRECT_IP, args.seconds, reverse)
+                        )
+                set_offloads(topo, on=True)
                 for name, host in (("relay", PARENT_IP), ("direct", DIRECT_IP)):
                     wait_until(functools.partial(redis_ping, topo, host), what="redis")
                     for op, rps in redis_rps(topo, host, args.redis_requests).items():
@@ -162,9 +165,9 @@ def main() -> int:
     result: dict[str, Any] = {k: summary(v) for k, v in sorted(series.items())}
     ratios: dict[str, Any] = {}
     for d in ("client_to_enclave", "enclave_to_client"):
-        for base in ("veth_nooffload", "veth_default"):
-            r = [a / b for a, b in zip(series[f"relay_{d}_gbps"], series[f"{base}_{d}_gbps"], strict=True)]
-            ratios[f"{d}_vs_{base}"] = summary(r)
+        for setting in ("default", "nooffload"):
+            relay, veth = series[f"relay_{setting}_{d}_gbps"], series[f"veth_{setting}_{d}_gbps"]
+            ratios[f"{d}_{setting}_relay_vs_veth"] = summary([a / b for a, b in zip(relay, veth, strict=True)])
     for op in ("set", "get"):
         r = [a / b for a, b in zip(series[f"redis_relay_{op}_rps"], series[f"redis_direct_{op}_rps"], strict=True)]
         ratios[f"redis_{op}_relay_vs_direct"] = summary(r)

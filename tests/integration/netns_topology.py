@@ -60,11 +60,13 @@ class Topology:
         client_offloads: bool = False,
         client_csum_offload: bool = False,
         start_enclave: bool = True,
+        offload: bool = True,
     ) -> None:
         tag = secrets.token_hex(3)
         self.client, self.parent, self.enclave = (f"salm-{r}-{tag}" for r in ("c", "p", "e"))
         self.dir = workdir
         self.mode = mode
+        self.offload = offload
         self.procs: list[subprocess.Popen[bytes]] = []
         self.sock = workdir / "relay.sock"
         self.offer_file = workdir / "offer.json"
@@ -130,6 +132,8 @@ class Topology:
         args = ["--mode", self.mode, "--uplink", "p0", "--listen", f"unix:{self.sock}"]
         args += ["--offer-out", str(self.offer_file), "--etc", str(self.dir / "etc"), "--hostname", "encl"]
         args += ["--stats-file", str(self.relay_stats)]
+        if not self.offload:
+            args.append("--no-offload")
         for p in publish:
             args += ["-p", p]
         self.relay = self.spawn(self.parent, PY, "-m", "salmiac.parent.netrelay", *args, log="relay.log")

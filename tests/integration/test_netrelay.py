@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from netns_topology import CLIENT_IP, PARENT_IP, PY, Topology, have_netns_tools, wait_until
 
-from salmiac.protocol.frames import FrameDecoder, FrameEncoder, encode_raw
+from salmiac.protocol import vnet
+from salmiac.protocol.frames import MAX_PAYLOAD, FrameDecoder, FrameEncoder, encode_raw
 
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(bool(have_netns_tools()), reason=str(have_netns_tools()))]
 
@@ -166,11 +167,13 @@ print(c.recv(100).decode())
 """
 
 
-def test_partial_checksums_from_offloading_sender_are_completed(tmp_path: Path) -> None:
-    """The client's veth leaves TCP checksums to 'hardware'; the relay must complete them for the TAP."""
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "plain"])
+def test_partial_checksums_from_offloading_sender_are_completed(tmp_path: Path, offload: bool) -> None:
+    """The client's veth leaves TCP checksums to 'hardware'; the relay must complete them for the TAP (plain),
+    or hand them over marked NEEDS_CSUM for the enclave's kernel to finish (offload)."""
     import hashlib
 
-    t = Topology(tmp_path, client_csum_offload=True)
+    t = Topology(tmp_path, client_csum_offload=True, offload=offload)
     try:
         payload = tmp_path / "payload.bin"
         payload.write_bytes(secrets.token_bytes(3_000_000))
@@ -183,6 +186,34 @@ def test_partial_checksums_from_offloading_sender_are_completed(tmp_path: Path) 
         csum_errors = t.ns(t.enclave, "cat", "/proc/net/snmp").stdout
         tcp = [ln.split() for ln in csum_errors.splitlines() if ln.startswith("Tcp:")]
         assert int(tcp[1][tcp[0].index("InCsumErrors")]) == 0
+    finally:
+        t.close()
+
+
+def test_segments_cross_the_relay_whole_both_ways(tmp_path: Path) -> None:
+    """With the client's TSO on (what GRO on a real uplink hands the parent), 64 KiB segments cross the relay
+    as single records in both directions, and the data arrives intact."""
+    import hashlib
+
+    t = Topology(tmp_path, client_offloads=True)
+    try:
+        assert t.offer["vnet_hdr"] is True
+        payload = tmp_path / "payload.bin"
+        payload.write_bytes(secrets.token_bytes(20_000_000))
+        digest = hashlib.sha256(payload.read_bytes()).hexdigest()
+        t.spawn(t.enclave, PY, "-c", SINK, PARENT_IP, "7000", log="sink-in.log")
+        t.spawn(t.client, PY, "-c", SINK, CLIENT_IP, "7001", log="sink-out.log")
+
+        def send(ns: str, ip: str, port: int) -> str:
+            return t.ns(ns, PY, "-c", SEND, ip, str(port), str(payload), check=False).stdout.strip()
+
+        assert wait_until(lambda: send(t.client, PARENT_IP, 7000), what="upload") == digest
+        assert wait_until(lambda: send(t.enclave, CLIENT_IP, 7001), what="download") == digest
+        stats = t.stop_relay()
+        for direction in ("to_stream", "from_stream"):
+            d = stats[direction]
+            assert d["bytes"] / d["frames"] > 3000, f"{direction}: segments, not MTU-sized frames: {d}"
+        assert stats["device_rx_dropped"] == 0 and stats["device_tx_refused"] == 0
     finally:
         t.close()
 
@@ -214,8 +245,14 @@ def icmp_echo(src_mac: bytes, dst_mac: bytes, src_ip: str, dst_ip: str, ident: i
     return dst_mac + src_mac + b"\x08\x00" + ip + icmp
 
 
-def read_frames_until(sock: socket.socket, match: object, timeout: float = 10) -> bytes:
-    dec = FrameDecoder()
+def records(frames: list[bytes], offload: bool) -> bytes:
+    """Frames as a peer puts them on the link: behind a virtio-net header when the link has offload."""
+    return FrameEncoder(MAX_PAYLOAD).encode([vnet.PLAIN + f if offload else f for f in frames])
+
+
+def read_frames_until(sock: socket.socket, match: object, timeout: float = 10, offload: bool = False) -> bytes:
+    """The first Ethernet frame (virtio-net header stripped) that ``match`` accepts."""
+    dec = FrameDecoder(MAX_PAYLOAD)
     sock.settimeout(0.2)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -227,24 +264,24 @@ def read_frames_until(sock: socket.socket, match: object, timeout: float = 10) -
             break
         dec.receive_data(data)
         for f in dec.frames():
+            if offload:
+                f = f[vnet.SIZE :]
             if match(f):  # type: ignore[operator]
                 return f
     raise AssertionError("expected frame never arrived")
 
 
-def garbage() -> bytes:
-    """An oversize frame, an empty frame and a runt, as a hostile or buggy peer would send them."""
-    return encode_raw([b"\xee" * 9500, b"", b"\x01\x02\x03"])
-
-
-def test_relay_survives_malformed_frames_from_enclave(tmp_path: Path) -> None:
-    t = Topology(tmp_path, start_enclave=False)
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "plain"])
+def test_relay_survives_malformed_frames_from_enclave(tmp_path: Path, offload: bool) -> None:
+    t = Topology(tmp_path, start_enclave=False, offload=offload)
     try:
         mac = bytes.fromhex(t.offer["mac"].replace(":", ""))
         s = wait_until(lambda: _connect(t.sock), what="relay socket")
-        s.sendall(garbage() + FrameEncoder().encode([arp_request(mac, PARENT_IP, CLIENT_IP)]))
+        garbage_frames = encode_raw([b"\xee" * (MAX_PAYLOAD + 1 if offload else 9500), b"", b"\x01\x02\x03"])
+        s.sendall(garbage_frames + records([arp_request(mac, PARENT_IP, CLIENT_IP)], offload))
+        client = socket.inet_aton(CLIENT_IP)
         reply = read_frames_until(
-            s, lambda f: f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x02" and f[28:32] == socket.inet_aton(CLIENT_IP)
+            s, lambda f: f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x02" and f[28:32] == client, offload=offload
         )
         assert reply[:6] == mac
         s.close()
@@ -271,8 +308,21 @@ def _connect(path: Path) -> socket.socket | None:
     return s
 
 
-def test_enclave_survives_malformed_frames_from_parent(tmp_path: Path) -> None:
-    """The test plays a hostile parent: garbage first, then ARP and ICMP echo, and expects the echo reply."""
+# virtio-net headers a hostile parent might send, each with the reason vnet.refusal gives.
+HOSTILE_HEADERS = [
+    (vnet.pack(flags=0x10), "unknown flags"),
+    (vnet.pack(gso_type=3, flags=1, gso_size=1400, csum_start=34, csum_offset=16), "segmentation type"),
+    (vnet.pack(gso_type=vnet.GSO_TCPV4, gso_size=1400), "without a partial checksum"),
+    (vnet.pack(gso_type=vnet.GSO_TCPV4, flags=1, gso_size=0, csum_start=34, csum_offset=16), "segment size"),
+    (vnet.pack(flags=1, csum_start=60, csum_offset=60000), "outside"),
+    (vnet.pack(gso_type=vnet.GSO_ECN), "ECN without"),
+]
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "plain"])
+def test_enclave_survives_malformed_frames_from_parent(tmp_path: Path, offload: bool) -> None:
+    """The test plays a hostile parent: garbage first, then ARP and ICMP echo, and expects the echo reply. With
+    offload, also virtio-net headers of every kind the enclave refuses, each around a valid echo request."""
     t = Topology(tmp_path, start_enclave=False)
     try:
         t.relay.terminate()
@@ -283,7 +333,7 @@ def test_enclave_survives_malformed_frames_from_parent(tmp_path: Path) -> None:
         listener.listen(1)
         offer = {"mac": "02:00:00:00:00:02", "ipv4": "10.88.0.2/24", "mtu": 1500, "gateway": "10.88.0.1",
                  "hostname": "hostile-test", "ipv6": "fd00:88::2/64", "gateway6": "fd00:88::1",
-                 "routes": [{"destination": "10.99.0.0/16", "via": "10.88.0.254"}]}  # fmt: skip
+                 "routes": [{"destination": "10.99.0.0/16", "via": "10.88.0.254"}], "vnet_hdr": offload}  # fmt: skip
         (tmp_path / "fake-offer.json").write_text(json.dumps(offer))
         stats_file = tmp_path / "enc-stats.json"
         enc = t.spawn(t.enclave, "unshare", "--uts", PY, "-m", "salmiac.enclave.network", "--config",
@@ -297,13 +347,18 @@ def test_enclave_survives_malformed_frames_from_parent(tmp_path: Path) -> None:
         assert "inet6 fd00:88::2/64" in t.ns(t.enclave, "ip", "-6", "addr", "show", "salmiac0").stdout
         assert "default via fd00:88::1 dev salmiac0" in t.ns(t.enclave, "ip", "-6", "route").stdout
         peer_mac, enc_mac = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
-        conn.sendall(
-            garbage()
-            + FrameEncoder().encode([arp_request(peer_mac, "10.88.0.1", "10.88.0.2")])
-            + garbage()
-            + FrameEncoder().encode([icmp_echo(peer_mac, enc_mac, "10.88.0.1", "10.88.0.2", 0x4242)])
-        )
-        reply = read_frames_until(conn, lambda f: f[12:14] == b"\x08\x00" and f[23] == 1 and f[34] == 0)
+        oversize = b"\xee" * (MAX_PAYLOAD + 1 if offload else 9500)
+        hostile = encode_raw([oversize, b"", b"\x01\x02\x03"])
+        echo = icmp_echo(peer_mac, enc_mac, "10.88.0.1", "10.88.0.2", 0x4242)
+        if offload:
+            refused = [header + echo for header, _ in HOSTILE_HEADERS] + [vnet.PLAIN + echo + bytes(1600)]
+            for record, (_, why) in zip(refused, [*HOSTILE_HEADERS, (b"", "without segmentation")], strict=True):
+                assert why in str(vnet.refusal(record, 1518)), why
+            hostile += FrameEncoder(MAX_PAYLOAD).encode(refused)
+        conn.sendall(hostile + records([arp_request(peer_mac, "10.88.0.1", "10.88.0.2")], offload) + hostile
+                     + records([echo], offload))
+        reply = read_frames_until(conn, lambda f: f[12:14] == b"\x08\x00" and f[23] == 1 and f[34] == 0,
+                                  offload=offload)
         assert reply[:6] == peer_mac and reply[38:40] == b"\x42\x42"
         conn.close()
         enc.wait(timeout=10)
@@ -311,6 +366,8 @@ def test_enclave_survives_malformed_frames_from_parent(tmp_path: Path) -> None:
         assert stats["from_stream"]["dropped_oversize"] == 2
         assert stats["from_stream"]["dropped_empty"] == 2
         assert stats["from_stream"]["dropped_runt"] == 2
+        if offload:
+            assert stats["device_tx_refused_header"] == 2 * len(refused)
         assert enc.returncode == 0, t.log("enc2.log")
     finally:
         t.close()
@@ -416,23 +473,26 @@ def test_mode_and_publish_errors() -> None:
 PORT_READ = """
 import sys, time
 from salmiac.framepump import PacketPort
-from salmiac.protocol.frames import FrameDecoder, FrameEncoder
-port = PacketPort("p0", rx_ring=sys.argv[1] == "ring")
-print("ring" if port._ring is not None else "recvmsg", flush=True)
-enc, buf, got = FrameEncoder(), memoryview(bytearray(1 << 16)), []
+from salmiac.protocol import vnet
+from salmiac.protocol.frames import MAX_PAYLOAD, FrameDecoder, FrameEncoder
+mode = sys.argv[1]
+port = PacketPort("p0", rx_ring=mode == "ring", vnet_hdr=mode == "vnet")
+print(mode if mode == "vnet" else "ring" if port._ring is not None else "recvmsg", flush=True)
+enc, buf, got = FrameEncoder(MAX_PAYLOAD), memoryview(bytearray(1 << 18)), []
 deadline = time.monotonic() + 10
 while len(got) < 3 and time.monotonic() < deadline:
     n = port.read_into(buf, enc)
-    dec = FrameDecoder()
+    dec = FrameDecoder(MAX_PAYLOAD)
     dec.receive_data(buf[:n])
-    got += [f for f in dec.frames() if f[12:14] == b"\\x08\\x00" and f[23] == 1]
+    frames = [f[vnet.SIZE:] if mode == "vnet" else f for f in dec.frames()]
+    got += [f for f in frames if f[12:14] == b"\\x08\\x00" and f[23] == 1]
 print(len(got), enc.stats.frames >= 3)
 """
 
 
-@pytest.mark.parametrize("mode", ["ring", "recvmsg"])
+@pytest.mark.parametrize("mode", ["ring", "recvmsg", "vnet"])
 def test_packet_port_reads_framed_records(tmp_path: Path, mode: str) -> None:
-    """Both receive paths (TPACKET_V2 ring and recvmsg fallback) frame what arrives on the uplink."""
+    """Every receive path (TPACKET_V2 ring, recvmsg, recvmsg with virtio-net headers) frames what arrives."""
     t = Topology(tmp_path, start_enclave=False)
     try:
         t.relay.terminate()

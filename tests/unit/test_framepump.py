@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from salmiac.framepump import FdStream, FramePump, complete_checksum, dst_port, ones_complement_checksum
-from salmiac.protocol.frames import FrameDecoder, FrameEncoder, encode_raw
+from salmiac.protocol.frames import LENGTH_SIZE, FrameDecoder, FrameEncoder, encode_raw
 
 
 def reference_checksum(data: bytes) -> int:
@@ -82,9 +82,9 @@ class FakePort:
 
     def read_into(self, buf: memoryview, encoder: FrameEncoder) -> int:
         pos = 0
-        while pos <= len(buf) - 2 - 65536:
+        while pos <= len(buf) - LENGTH_SIZE - 65536:
             try:
-                n = self.ours.recv_into(buf[pos + 2 : pos + 2 + 65536])
+                n = self.ours.recv_into(buf[pos + LENGTH_SIZE : pos + LENGTH_SIZE + 65536])
             except BlockingIOError:
                 break
             pos = encoder.seal(buf, pos, n)

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from salmiac.protocol.frames import (
     CLOSED,
+    LENGTH_SIZE,
     MAX_FRAME,
+    MAX_PAYLOAD,
     MIN_FRAME,
     NEED_DATA,
     FrameDecoder,
@@ -47,16 +49,18 @@ def test_whole_bytewise_and_trailing() -> None:
     assert decode_all([wire]) == SAMPLE
     assert decode_all([wire[i : i + 1] for i in range(len(wire))]) == SAMPLE
     dec = FrameDecoder()
-    dec.receive_data(wire + struct.pack(">H", 60) + b"x" * 10)
+    dec.receive_data(wire + struct.pack(">I", 60) + b"x" * 10)
     assert dec.frames() == SAMPLE
     assert dec.next_frame() is NEED_DATA
-    assert dec.buffered == 12
+    assert dec.buffered == 14
 
 
-def test_wire_format_is_u16_big_endian_length_then_payload() -> None:
+def test_wire_format_is_u32_big_endian_length_then_payload() -> None:
     wire = FrameEncoder().encode([frame(20)])
-    assert wire[:2] == b"\x00\x14"
-    assert wire[2:] == frame(20)
+    assert wire[:4] == b"\x00\x00\x00\x14"
+    assert wire[4:] == frame(20)
+    big = FrameEncoder(max_frame=MAX_PAYLOAD).encode([frame(65563)])
+    assert big[:4] == b"\x00\x01\x00\x1b", "a 64 KiB segment with its headers needs more than 16 bits"
 
 
 def test_oversize_is_skipped_counted_and_stream_continues() -> None:
@@ -69,7 +73,7 @@ def test_oversize_is_skipped_counted_and_stream_continues() -> None:
     assert dec.stats.frames == 2
     # The rejected frame is discarded, never buffered.
     dec2 = FrameDecoder(max_frame=1514)
-    dec2.receive_data(struct.pack(">H", 60000))
+    dec2.receive_data(struct.pack(">I", 60000))
     assert dec2.next_frame() is NEED_DATA
     dec2.receive_data(b"\0" * 59999)
     assert dec2.buffered == 0
@@ -95,7 +99,7 @@ def test_truncated_frame_at_eof_is_counted() -> None:
 
 def test_eof_inside_skip_is_truncated() -> None:
     dec = FrameDecoder(max_frame=100)
-    assert decode_all([struct.pack(">H", 500) + b"\0" * 10], dec) == []
+    assert decode_all([struct.pack(">I", 500) + b"\0" * 10], dec) == []
     assert dec.stats.dropped_oversize == 1
     assert dec.stats.dropped_truncated == 1
 
@@ -112,7 +116,7 @@ def test_encoder_drops_bad_frames() -> None:
 
 def test_bad_max_frame() -> None:
     with pytest.raises(FrameProtocolError):
-        FrameDecoder(max_frame=MAX_FRAME + 1)
+        FrameDecoder(max_frame=MAX_PAYLOAD + 1)
     with pytest.raises(FrameProtocolError):
         FrameEncoder(max_frame=2)
 
@@ -123,7 +127,7 @@ def test_compaction_keeps_memory_bounded() -> None:
     dec.receive_data(wire[:-1])
     got = dec.frames()
     assert len(got) == 199
-    assert dec.buffered == 1501
+    assert dec.buffered == LENGTH_SIZE + 1499
     assert len(dec._buf) < (1 << 16) + 2 * MAX_FRAME
 
 
@@ -151,15 +155,13 @@ def test_arbitrary_bytes_never_crash_and_stay_bounded(data: bytes, max_frame: in
         dec.receive_data(data[i : i + 97])
         for f in dec.frames():
             assert MIN_FRAME <= len(f) <= max_frame
-        assert dec.buffered <= 2 + max_frame + 97
+        assert dec.buffered <= LENGTH_SIZE + max_frame + 97
     dec.receive_data(b"")
     dec.frames()
     assert dec.next_frame() is CLOSED
 
 
 def test_seal_in_place_matches_encode() -> None:
-    from salmiac.protocol.frames import LENGTH_SIZE
-
     enc, ref = FrameEncoder(max_frame=1514), FrameEncoder(max_frame=1514)
     payloads = [frame(60), b"", frame(1515), frame(14), b"abc"]
     buf = bytearray(10_000)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from salmiac.enclave.sysutil import run_tool
 from salmiac.errors import RuntimeFailure, SalmiacError
-from salmiac.framepump import FramePump, Stream, TapPort, open_tap
+from salmiac.framepump import FramePump, Stream, TapPort, max_record, open_tap
 from salmiac.protocol.frames import ETH_HEADER, VLAN_TAG
 from salmiac.protocol.netconfig import NetworkConfig
 
@@ -41,9 +41,9 @@ class NetworkSetupError(RuntimeFailure):
     """The enclave could not bring its network up."""
 
 
-def create_tap(ifname: str = ENCLAVE_IFNAME) -> int:
+def create_tap(ifname: str = ENCLAVE_IFNAME, *, vnet_hdr: bool = False) -> int:
     try:
-        return open_tap(ifname)
+        return open_tap(ifname, vnet_hdr=vnet_hdr)
     except OSError as exc:
         raise NetworkSetupError(f"create TAP {ifname}: {exc.strerror} (is the tun module loaded?)") from exc
 
@@ -147,14 +147,14 @@ def start_network(
 
     ``stream``: a connected socket (vsock on Nitro) or an ``FdStream`` (a virtio-serial port in emulation).
     """
-    fd = create_tap(ifname)
+    fd = create_tap(ifname, vnet_hdr=cfg.vnet_hdr)
     try:
         apply_config(cfg, root, ifname=ifname, set_hostname=set_hostname, ip_cmd=ip_cmd)
     except BaseException:
         os.close(fd)
         raise
-    max_frame = cfg.mtu + ETH_HEADER + VLAN_TAG
-    return FramePump(TapPort(fd, max_frame), stream, max_frame=max_frame)
+    port = TapPort(fd, cfg.mtu + ETH_HEADER + VLAN_TAG, vnet_hdr=cfg.vnet_hdr)
+    return FramePump(port, stream, max_frame=max_record(cfg.mtu, cfg.vnet_hdr))
 
 
 def connect_stream(address: str) -> socket.socket:

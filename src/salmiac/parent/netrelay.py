@@ -30,14 +30,18 @@ transparent (default, as in Fortanix Salmiac)
 
     Trade-offs: no address change on the parent (its own kernel keeps ARP, routes and the IP for its own
     outbound traffic), no NAT state, client addresses preserved; but the parent cannot serve any port
-    outside ``PARENT_PORTS`` on that address, inbound ports in ``PARENT_PORTS`` never reach the enclave,
-    IPv6 stays with the parent, and GRO/LRO must be off on the uplink (we turn it off) because
-    coalesced frames exceed the MTU. A virtual uplink (veth) whose peer sends with TSO/GSO hands over
-    64 KiB super-frames that no frame of ours can carry: they are dropped and counted
-    (``device_rx_dropped``); real NICs segment on the wire. The alternative - moving the address off the
-    uplink and bridging it to a TAP - takes the parent off the network and needs the uplink in
-    promiscuous mode. Sysctls changed in the parent's namespace (``ip_local_port_range``, and
-    ``ip_forward`` in published mode) and the nftables table are restored/removed by ``close()``.
+    outside ``PARENT_PORTS`` on that address, inbound ports in ``PARENT_PORTS`` never reach the enclave, and
+    IPv6 stays with the parent. The alternative - moving the address off the uplink and bridging it to a
+    TAP - takes the parent off the network and needs the uplink in promiscuous mode. Sysctls changed in the
+    parent's namespace (``ip_local_port_range``, and ``ip_forward`` in published mode) and the nftables table
+    are restored/removed by ``close()``.
+
+Offload (the default, ``offload=True``). The link carries a virtio-net header with every frame
+(``protocol.vnet``): the uplink's packet socket (PACKET_VNET_HDR) hands over GRO'd segments whole and sends
+the enclave's 64 KiB TCP segments for the kernel (or the NIC) to cut; the TAPs on both ends take and give the
+same. Without offload, GRO/LRO are turned off on the uplink (coalesced frames would exceed the MTU; the
+setting is not restored), partial checksums are completed in Python, and a virtual uplink whose peer sends
+with TSO hands over super-frames that are dropped and counted (``device_rx_dropped``).
 
 published
     Like ``docker run -p``: the enclave lives on a private /30 behind a TAP in the parent (``salmiac-<tag>``);
@@ -45,7 +49,7 @@ published
     ``HOST:ENCLAVE[/proto]`` port on its local addresses to the enclave. Only DNAT, no SNAT inbound, so the
     app sees the client's real address. Forwarding into the TAP is limited to DNATed flows and replies.
 
-The relay itself is ``framepump.FramePump``: two threads, batched reads, large socket buffers, counters.
+The relay itself is ``framepump.FramePump``: one poll loop, batched reads, large socket buffers, counters.
 It is a thin driver: all framing rules are in ``protocol.frames``.
 """
 
@@ -66,13 +70,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any, Literal
 
 from salmiac.errors import RequestError, RuntimeFailure, SalmiacError
-from salmiac.framepump import FramePort, FramePump, PacketPort, TapPort, open_tap
+from salmiac.framepump import FramePort, FramePump, PacketPort, TapPort, max_record, open_tap
 from salmiac.protocol.frames import ETH_HEADER, VLAN_TAG
 from salmiac.protocol.netconfig import (
     MAX_DNS_SERVERS,
@@ -389,7 +393,8 @@ def _disable_offloads(ifname: str) -> None:
 class NetRelay:
     """Set up one mode, hand out the enclave's offer, pump frames, undo everything on ``close()``."""
 
-    def __init__(self, mode: Mode, uplink: str, publish: Sequence[PortMapping] = (), names: NameSettings | None = None):
+    def __init__(self, mode: Mode, uplink: str, publish: Sequence[PortMapping] = (), names: NameSettings | None = None,
+                 *, offload: bool = True):
         if mode not in ("transparent", "published"):
             raise RequestError(f"network mode {mode!r}: expected transparent or published")
         if publish and mode == "transparent":
@@ -399,6 +404,7 @@ class NetRelay:
         self.mode = mode
         self.uplink_name = uplink
         self.publish = tuple(publish)
+        self.offload = offload
         self.names = names if names is not None else read_name_settings()
         self.offer: NetworkConfig | None = None
         self.port: FramePort | None = None
@@ -412,18 +418,20 @@ class NetRelay:
         try:
             uplink = read_uplink(self.uplink_name)
             if self.mode == "transparent":
-                self.offer = offer_transparent(uplink, self.names)
-                _disable_offloads(uplink.ifname)
+                self.offer = replace(offer_transparent(uplink, self.names), vnet_hdr=self.offload)
+                if not self.offload:
+                    _disable_offloads(uplink.ifname)
                 self._set("net/ipv4/ip_local_port_range", f"{PARENT_PORTS[0]} {PARENT_PORTS[1]}")
                 nft_apply(transparent_rules(uplink.ifname, table=self.table), self.table)
-                self.port = PacketPort(uplink.ifname, self._max_frame(uplink.mtu), keep_port_range=PARENT_PORTS)
+                self.port = PacketPort(uplink.ifname, self._max_frame(uplink.mtu), keep_port_range=PARENT_PORTS,
+                                       vnet_hdr=self.offload)
             else:
                 subnet = choose_private_subnet(self._networks_in_use())
-                self.offer = offer_published(subnet, uplink.mtu, self.names)
+                self.offer = replace(offer_published(subnet, uplink.mtu, self.names), vnet_hdr=self.offload)
                 parent_ip = self.offer.gateway
                 assert parent_ip is not None  # offer_published always sets it
-                fd = open_tap(self.tap_name)
-                self.port = TapPort(fd, self._max_frame(uplink.mtu))
+                fd = open_tap(self.tap_name, vnet_hdr=self.offload)
+                self.port = TapPort(fd, self._max_frame(uplink.mtu), vnet_hdr=self.offload)
                 self._configure_tap(IPv4Interface(f"{parent_ip}/{subnet.prefixlen}"), uplink.mtu)
                 self._set("net/ipv4/ip_forward", "1")
                 rules = published_rules(self.tap_name, self.offer.ipv4.ip, subnet, self.publish, self.table)
@@ -442,7 +450,7 @@ class NetRelay:
     def run(self, stream: socket.socket) -> None:
         if self.port is None or self.offer is None:
             raise RelayError("network relay: run() before setup()")
-        self.pump = FramePump(self.port, stream, max_frame=self._max_frame(self.offer.mtu))
+        self.pump = FramePump(self.port, stream, max_frame=max_record(self.offer.mtu, self.offload))
         self.pump.run()
 
     def stop(self) -> None:
@@ -556,13 +564,13 @@ def relay_for(opts: NetworkOptions, *, nitro: bool) -> NetRelay | None:
     return None if mode is None else build_relay(mode, opts)
 
 
-def build_relay(mode: Mode, opts: NetworkOptions, etc: Path = Path("/etc")) -> NetRelay:
+def build_relay(mode: Mode, opts: NetworkOptions, etc: Path = Path("/etc"), *, offload: bool = True) -> NetRelay:
     """The relay for ``mode``: names from the parent's ``etc`` (``--dns``/``--hostname`` win), the default
     route's interface unless ``--uplink`` says otherwise."""
     names = read_name_settings(etc, opts.hostname)
     if opts.dns is not None:
         names = NameSettings(opts.dns, names.search_domains, names.hostname, names.hosts)
-    return NetRelay(mode, opts.uplink or default_uplink(), opts.publish, names)
+    return NetRelay(mode, opts.uplink or default_uplink(), opts.publish, names, offload=offload)
 
 
 # --- listening for the enclave ----------------------------------------------------------------------------
@@ -607,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hostname", default=None)
     p.add_argument("--etc", type=Path, default=Path("/etc"))
     p.add_argument("--stats-file", type=Path)
+    p.add_argument("--no-offload", action="store_true", help="plain MTU-sized frames, no virtio-net header")
     args = p.parse_args(argv)
     relay: NetRelay | None = None
     stop = threading.Event()
@@ -614,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         dns = None if args.dns is None else tuple(ipaddress.ip_address(a) for a in args.dns)
         opts = NetworkOptions(mode=args.mode, publish=tuple(parse_publish(s) for s in args.publish),
                               uplink=args.uplink, dns=dns, hostname=args.hostname)
-        relay = build_relay(args.mode, opts, args.etc)
+        relay = build_relay(args.mode, opts, args.etc, offload=not args.no_offload)
         listener = listen_stream(args.listen)
         offer = relay.setup()
         tmp = args.offer_out.with_suffix(".tmp")

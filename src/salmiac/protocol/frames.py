@@ -3,20 +3,21 @@
 Wire format, both directions::
 
     frame  := length payload
-    length := u16, big-endian, number of payload bytes
-    payload:= one Ethernet frame (destination MAC first, no FCS, no preamble)
+    length := u32, big-endian, number of payload bytes
+    payload:= one Ethernet frame (destination MAC first, no FCS, no preamble), preceded by a 10-byte
+              virtio-net header when the link was offered with segmentation offload (``protocol.vnet``)
 
 Many frames may be written with one write (batching); a reader may see them split anywhere.
 
-Bounds. ``MAX_FRAME`` (largest MTU we accept, 9001, plus a 14-byte Ethernet header and a 4-byte VLAN tag)
-is far below the 65535 a u16 can say. A frame that is empty, shorter than an Ethernet header, or longer
-than the decoder's ``max_frame`` is a protocol violation: it is skipped and counted in ``FrameStats``,
-never handed on and never a crash.
+Bounds. A plain frame is at most ``MAX_FRAME`` (largest MTU we accept, 9001, plus a 14-byte Ethernet header and
+a 4-byte VLAN tag); with offload a frame may be a 64 KiB TCP segment the kernel cuts up later, so lengths need
+more than 16 bits. Each endpoint sets its own ``max_frame`` (never above ``MAX_PAYLOAD``). A frame that is
+empty, shorter than an Ethernet header, or longer than the decoder's ``max_frame`` is a protocol violation: it
+is skipped and counted in ``FrameStats``, never handed on and never a crash.
 
 Resynchronisation. The length field is trusted for *skipping*: after a bad length the decoder discards
-exactly that many bytes, without buffering them, and goes on with the next length. Skipping is always
-bounded because a u16 cannot announce more than 64 KiB, so there is no "huge length" case that would force
-us to close the stream. A peer that is merely buggy (one frame too big) stays in step; a peer that sends
+exactly that many bytes, without buffering them, and goes on with the next length, so whatever a length says
+memory stays bounded. A peer that is merely buggy (one frame too big) stays in step; a peer that sends
 garbage can only produce more garbage frames, and that it could do anyway with well-formed lengths - the
 consumer of frames (a TAP device, the parent's network) treats every payload as hostile regardless.
 Only an incomplete frame at end of stream ends the conversation, as ``CLOSED`` with
@@ -39,11 +40,14 @@ VLAN_TAG = 4
 MAX_MTU = 9001
 """Largest MTU offered to the enclave (AWS jumbo frames)."""
 MAX_FRAME = MAX_MTU + ETH_HEADER + VLAN_TAG
-"""Largest payload a frame may carry."""
+"""Largest plain Ethernet frame (no offload)."""
+MAX_PAYLOAD = 1 << 17
+"""Largest ``max_frame`` an endpoint may set: a 64 KiB segment, its Ethernet/VLAN header and a virtio-net
+header fit with room to spare."""
 MIN_FRAME = ETH_HEADER
 """A frame shorter than an Ethernet header cannot be delivered anywhere."""
 
-_LENGTH = struct.Struct(">H")
+_LENGTH = struct.Struct(">I")
 LENGTH_SIZE = _LENGTH.size
 _COMPACT_AT = 1 << 16
 """Drop consumed bytes from the receive buffer once this many have piled up."""
@@ -84,8 +88,8 @@ class FrameStats:
 
 
 def _check_max_frame(max_frame: int) -> int:
-    if not MIN_FRAME <= max_frame <= MAX_FRAME:
-        raise FrameProtocolError(f"max_frame {max_frame} outside [{MIN_FRAME}, {MAX_FRAME}]")
+    if not MIN_FRAME <= max_frame <= MAX_PAYLOAD:
+        raise FrameProtocolError(f"max_frame {max_frame} outside [{MIN_FRAME}, {MAX_PAYLOAD}]")
     return max_frame
 
 

@@ -96,6 +96,8 @@ class NetworkConfig:
     hosts: tuple[HostEntry, ...] = ()
     local_port_range: tuple[int, int] | None = None
     """The enclave's ephemeral port range, kept disjoint from the parent's in transparent mode."""
+    vnet_hdr: bool = False
+    """Frames on the link carry a virtio-net header: segmentation and checksum offload (``protocol.vnet``)."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -130,6 +132,7 @@ class NetworkConfig:
                 hostname=_str(unsafe, "hostname") if "hostname" in unsafe else "enclave",
                 hosts=tuple(_host(h) for h in _list(unsafe, "hosts", MAX_HOSTS_ENTRIES)),
                 local_port_range=_opt(unsafe, "local_port_range", _port_range),
+                vnet_hdr=_bool(unsafe, "vnet_hdr") if "vnet_hdr" in unsafe else False,
             )
         except ValueError as exc:  # ipaddress parse errors
             raise NetConfigError(f"network config: {exc}") from exc
@@ -149,6 +152,8 @@ class NetworkConfig:
         out["hosts"] = [{"address": str(h.address), "names": list(h.names)} for h in self.hosts]
         if self.local_port_range is not None:
             out["local_port_range"] = list(self.local_port_range)
+        if self.vnet_hdr:
+            out["vnet_hdr"] = True
         return out
 
     # --- rendering -------------------------------------------------------------------------------------
@@ -184,6 +189,7 @@ _ALL_KEYS = _REQUIRED_KEYS | {
     "hostname",
     "hosts",
     "local_port_range",
+    "vnet_hdr",
 }
 
 
@@ -208,6 +214,13 @@ def _int(d: Mapping[str, Any], key: str) -> int:
     value = d[key]
     if not isinstance(value, int) or isinstance(value, bool):
         raise NetConfigError(f"network config: {key}: expected an integer")
+    return value
+
+
+def _bool(d: Mapping[str, Any], key: str) -> bool:
+    value = d[key]
+    if not isinstance(value, bool):
+        raise NetConfigError(f"network config: {key}: expected true or false")
     return value
 
 

@@ -71,8 +71,9 @@ class FramePort(Protocol):
         frame of ``max_frame`` still fits; returns the bytes used (0: nothing ready). Never blocks."""
         ...
 
-    def write_frames(self, frames: list[bytes]) -> int:
-        """Deliver frames in order; returns how many the device refused (wrong size, queue full)."""
+    def write_frames(self, frames: list[memoryview]) -> int:
+        """Deliver frames in order; returns how many the device refused (wrong size, queue full). The views are
+        valid only during the call."""
         ...
 
     def close(self) -> None: ...
@@ -136,7 +137,7 @@ class TapPort:
             pos = seal(buf, pos, n)
         return pos
 
-    def write_frames(self, frames: list[bytes]) -> int:
+    def write_frames(self, frames: list[memoryview]) -> int:
         if self.vnet_hdr:
             refusal, limit = vnet.refusal, self.max_frame
             accepted = [f for f in frames if refusal(f, limit) is None]
@@ -149,7 +150,7 @@ class TapPort:
         os.close(self.fd)
 
 
-def _write_each(write: Callable[[int, bytes], int], fd: int, frames: list[bytes]) -> int:
+def _write_each(write: Callable[[int, memoryview], int], fd: int, frames: list[memoryview]) -> int:
     """One write per frame (TAP and packet sockets take exactly one frame per write), tight loop; a
     refused frame (EINVAL/EMSGSIZE: bad size; EAGAIN/ENOBUFS: queue full, dropped as a NIC would) is
     counted and the rest still go out."""
@@ -238,8 +239,7 @@ class PacketPort:
 
     ``vnet_hdr`` (PACKET_VNET_HDR): frames are read and written with a virtio-net header, so GRO'd segments
     from the uplink and 64 KiB segments from the enclave cross whole, partial checksums travel as
-    NEEDS_CSUM; read with one recvmsg per frame (a frame may be 64 KiB: a ring would need huge slots).
-    Without it, partial checksums are completed here and anything over ``max_frame`` is dropped.
+    NEEDS_CSUM. Without it, partial checksums are completed here and anything over ``max_frame`` is dropped.
     """
 
     def __init__(
@@ -268,8 +268,8 @@ class PacketPort:
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             _grow_buffers(self.sock)
-            if rx_ring and not vnet_hdr:
-                self._ring = _RxRing.attach(self.sock, max_frame)
+            if rx_ring:
+                self._ring = _RxRing.attach(self.sock, self.max_record)
             self.sock.bind((ifname, ETH_P_ALL))
             self.sock.setblocking(False)
         except BaseException:
@@ -315,10 +315,13 @@ class PacketPort:
         return pos
 
     def _read_ring(self, ring: _RxRing, buf: memoryview, encoder: FrameEncoder) -> int:
-        keep, max_frame, seal = self.keep_port_range, self.max_frame, encoder.seal
+        keep, max_record, seal = self.keep_port_range, self.max_record, encoder.seal
+        # With PACKET_VNET_HDR the kernel puts the virtio-net header just before the frame in the slot.
+        head = vnet.SIZE if self.vnet_hdr else 0
+        complete = not self.vnet_hdr
         mm, view, slot_size, nslots = ring.mm, ring.view, ring.slot_size, ring.nslots
         unpack = _TPACKET2_HDR.unpack_from
-        limit = len(buf) - LENGTH_SIZE - max_frame
+        limit = len(buf) - LENGTH_SIZE - max_record
         i, pos = ring.next, 0
         while pos <= limit:
             off = i * slot_size
@@ -327,25 +330,25 @@ class PacketPort:
                 break
             if mm[off + _TPACKET2_PKTTYPE] > PACKET_MULTICAST:
                 pass  # another host's or our own outgoing frame
-            elif snaplen != length or length > max_frame:
+            elif snaplen != length or length + head > max_record:
                 self.rx_dropped += 1
             else:
                 start = pos + LENGTH_SIZE
-                frame = buf[start : start + length]
-                frame[:] = view[off + mac : off + mac + length]  # the one copy, ring -> send buffer
-                port = dst_port(frame) if keep is not None else None
+                record = buf[start : start + head + length]
+                record[:] = view[off + mac - head : off + mac + length]  # the one copy, ring -> send buffer
+                port = dst_port(record[head:]) if keep is not None else None
                 if keep is not None and port is not None and keep[0] <= port <= keep[1]:
                     self.rx_kept_for_host += 1
                 else:
-                    if status & TP_STATUS_CSUMNOTREADY:
-                        complete_checksum(frame, net - mac)
-                    pos = seal(buf, pos, length)
+                    if complete and status & TP_STATUS_CSUMNOTREADY:
+                        complete_checksum(record, net - mac)
+                    pos = seal(buf, pos, head + length)
             mm[off : off + 4] = b"\0\0\0\0"  # hand the slot back to the kernel
             i = i + 1 if i + 1 < nslots else 0
         ring.next = i
         return pos
 
-    def write_frames(self, frames: list[bytes]) -> int:
+    def write_frames(self, frames: list[memoryview]) -> int:
         return _write_each(os.write, self.sock.fileno(), frames)
 
     def close(self) -> None:
@@ -364,7 +367,8 @@ _TPACKET2_HDR = struct.Struct("=IIIHH")
 """tp_status, tp_len, tp_snaplen, tp_mac, tp_net (the head of struct tpacket2_hdr)."""
 _TPACKET2_PKTTYPE = 32 + 10
 """sockaddr_ll follows the 32-byte tpacket2_hdr (TPACKET_ALIGN'ed); sll_pkttype is its byte 10."""
-RX_RING_BYTES = 8 << 20
+RX_RING_BYTES = 16 << 20
+"""With offload a slot holds a 64 KiB segment (128 KiB slots: 128 of them); without, 16 KiB slots."""
 
 
 @dataclass
@@ -480,7 +484,7 @@ class FramePump:
         self.port = port
         self.stream = stream
         self.encoder = FrameEncoder(max_frame)
-        self.decoder = FrameDecoder(max_frame)
+        self.decoder = FrameDecoder(max_frame, capacity=recv_bytes)
         self.stats = PumpStats(self.encoder.stats, self.decoder.stats)
         self.batch_bytes = batch_bytes
         self.recv_bytes = recv_bytes
@@ -545,14 +549,12 @@ class FramePump:
                 sendall(batch[:n])
 
     def _stream_to_device(self) -> None:
-        buf = bytearray(self.recv_bytes)
-        view = memoryview(buf)
         recv_into, write = self.stream.recv_into, self.port.write_frames
         decoder = self.decoder
         while not self._stopping:
-            n = recv_into(view)
-            decoder.receive_data(view[:n] if n else b"")
-            frames = decoder.frames()
+            n = recv_into(decoder.read_buffer())  # straight into the decoder: frames go out as views of it
+            decoder.received(n)
+            frames = decoder.frame_views()
             if frames:
                 refused = write(frames)
                 if refused:
@@ -576,7 +578,6 @@ class FramePump:
         poller.register(sfd, IN)
         poller.register(pfd, IN)
         batch = memoryview(bytearray(self.batch_bytes + LENGTH_SIZE + self.encoder.max_frame + 1))
-        rbuf = memoryview(bytearray(self.recv_bytes))
         pending = bytearray()
         backlogged = False
         read, write, encoder, decoder = port.read_into, port.write_frames, self.encoder, self.decoder
@@ -604,11 +605,11 @@ class FramePump:
                     del pending[:sent]
                 if ev & ~OUT:
                     try:
-                        n = stream.recv_into(rbuf)
+                        n = stream.recv_into(decoder.read_buffer())
                     except BlockingIOError:
                         continue
-                    decoder.receive_data(rbuf[:n] if n else b"")
-                    frames = decoder.frames()
+                    decoder.received(n)
+                    frames = decoder.frame_views()
                     if frames:
                         refused = write(frames)
                         if refused:

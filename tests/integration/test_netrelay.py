@@ -476,21 +476,22 @@ from salmiac.framepump import PacketPort
 from salmiac.protocol import vnet
 from salmiac.protocol.frames import MAX_PAYLOAD, FrameDecoder, FrameEncoder
 mode = sys.argv[1]
-port = PacketPort("p0", rx_ring=mode == "ring", vnet_hdr=mode == "vnet")
-print(mode if mode == "vnet" else "ring" if port._ring is not None else "recvmsg", flush=True)
+vnet_hdr = mode.startswith("vnet-")
+port = PacketPort("p0", rx_ring=mode.endswith("ring"), vnet_hdr=vnet_hdr)
+print(("vnet-" if vnet_hdr else "") + ("ring" if port._ring is not None else "recvmsg"), flush=True)
 enc, buf, got = FrameEncoder(MAX_PAYLOAD), memoryview(bytearray(1 << 18)), []
 deadline = time.monotonic() + 10
 while len(got) < 3 and time.monotonic() < deadline:
     n = port.read_into(buf, enc)
     dec = FrameDecoder(MAX_PAYLOAD)
     dec.receive_data(buf[:n])
-    frames = [f[vnet.SIZE:] if mode == "vnet" else f for f in dec.frames()]
+    frames = [f[vnet.SIZE:] if vnet_hdr else f for f in dec.frames()]
     got += [f for f in frames if f[12:14] == b"\\x08\\x00" and f[23] == 1]
 print(len(got), enc.stats.frames >= 3)
 """
 
 
-@pytest.mark.parametrize("mode", ["ring", "recvmsg", "vnet"])
+@pytest.mark.parametrize("mode", ["ring", "recvmsg", "vnet-ring", "vnet-recvmsg"])
 def test_packet_port_reads_framed_records(tmp_path: Path, mode: str) -> None:
     """Every receive path (TPACKET_V2 ring, recvmsg, recvmsg with virtio-net headers) frames what arrives."""
     t = Topology(tmp_path, start_enclave=False)

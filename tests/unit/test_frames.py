@@ -121,14 +121,62 @@ def test_bad_max_frame() -> None:
         FrameEncoder(max_frame=2)
 
 
-def test_compaction_keeps_memory_bounded() -> None:
-    dec = FrameDecoder()
-    wire = FrameEncoder().encode([frame(1500)] * 200)
+def test_the_buffer_never_grows_whatever_is_fed() -> None:
+    """A small decoder given ten times its capacity in one call: frames are parsed out to make room."""
+    dec = FrameDecoder(max_frame=1514, capacity=4096)
+    size = len(dec._buf)
+    wire = FrameEncoder().encode([frame(1500, i) for i in range(30)])
     dec.receive_data(wire[:-1])
+    assert len(dec._buf) == size
     got = dec.frames()
-    assert len(got) == 199
+    assert got == [frame(1500, i) for i in range(29)]
     assert dec.buffered == LENGTH_SIZE + 1499
-    assert len(dec._buf) < (1 << 16) + 2 * MAX_FRAME
+    dec.receive_data(wire[-1:])
+    assert dec.frames() == [frame(1500, 29)]
+
+
+def read_through(dec: FrameDecoder, wire: bytes, chunk: int) -> list[bytes]:
+    """The zero-copy way, as the pump drives it: read into the decoder, write out the views."""
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(wire):
+        space = dec.read_buffer()
+        n = min(len(space), chunk, len(wire) - pos)
+        space[:n] = wire[pos : pos + n]
+        pos += n
+        dec.received(n)
+        out += [bytes(v) for v in dec.frame_views()]
+    dec.received(0)
+    out += [bytes(v) for v in dec.frame_views()]
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1500, 5000, 1 << 20])
+def test_zero_copy_reads_give_the_same_frames(chunk: int) -> None:
+    frames = [frame(14 + (i * 97) % 1500, i) for i in range(60)]
+    wire = encode_raw([b"", b"\x01" * 3000, *frames[:30], b"abc", *frames[30:]])
+    dec = FrameDecoder(max_frame=1514, capacity=3000)
+    assert read_through(dec, wire, chunk) == frames
+    assert (dec.stats.dropped_empty, dec.stats.dropped_oversize, dec.stats.dropped_runt) == (1, 1, 1)
+    assert dec.stats.frames == 60
+
+
+def test_zero_copy_views_are_the_buffer_and_eof_counts_a_cut_frame() -> None:
+    dec = FrameDecoder(max_frame=1514, capacity=100)
+    wire = FrameEncoder().encode([frame(60), frame(70)])
+    space = dec.read_buffer()
+    space[: len(wire) - 5] = wire[:-5]
+    dec.received(len(wire) - 5)
+    (view,) = dec.frame_views()
+    assert view.obj is dec._buf, "a view of the decoder's own buffer, not a copy"
+    assert bytes(view) == frame(60)
+    with pytest.raises(FrameProtocolError):
+        dec.received(len(dec._buf))
+    dec.received(0)
+    assert dec.frame_views() == []
+    assert dec.stats.dropped_truncated == 1
+    with pytest.raises(FrameProtocolError):
+        dec.read_buffer()
 
 
 frames_st = st.lists(st.binary(min_size=MIN_FRAME, max_size=2000), max_size=20)
@@ -171,3 +219,13 @@ def test_seal_in_place_matches_encode() -> None:
         pos = enc.seal(buf, pos, len(p))
     assert bytes(buf[:pos]) == ref.encode(payloads)
     assert enc.stats == ref.stats
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=6000), st.integers(min_value=1, max_value=700), st.integers(min_value=1, max_value=2000))
+def test_zero_copy_and_copying_agree_on_any_bytes(data: bytes, chunk: int, capacity: int) -> None:
+    copying = FrameDecoder(max_frame=600, capacity=capacity)
+    expected = decode_all([data[i : i + chunk] for i in range(0, len(data), chunk)], copying)
+    zero_copy = FrameDecoder(max_frame=600, capacity=capacity)
+    assert read_through(zero_copy, data, chunk) == expected
+    assert zero_copy.stats == copying.stats

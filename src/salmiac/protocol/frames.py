@@ -49,8 +49,6 @@ MIN_FRAME = ETH_HEADER
 
 _LENGTH = struct.Struct(">I")
 LENGTH_SIZE = _LENGTH.size
-_COMPACT_AT = 1 << 16
-"""Drop consumed bytes from the receive buffer once this many have piled up."""
 
 
 class Need(enum.Enum):
@@ -93,27 +91,70 @@ def _check_max_frame(max_frame: int) -> int:
     return max_frame
 
 
+DECODER_CAPACITY = 1 << 20
+"""Bytes a decoder takes in per read by default, besides room for one partial frame."""
+
+
 class FrameDecoder:
     """Turns stream bytes into frames.
 
-    ``receive_data(b"")`` means end of stream. ``next_frame()`` returns a frame (``bytes``), ``NEED_DATA``
-    or ``CLOSED``; bad frames are skipped and counted in ``stats`` on the way.
+    Two ways to feed it. ``receive_data(data)`` copies bytes in (``b""``: end of stream), and ``frames()`` or
+    ``next_frame()`` hand out ``bytes``. A driver moving much data reads straight into the decoder instead:
+    ``read_buffer()`` is free space to read into, ``received(n)`` says how much was read there (0: end of
+    stream), and ``frame_views()`` hands out the frames as views of the decoder's buffer, valid until the next
+    ``read_buffer()`` or ``receive_data()``: no copy between the stream and the device. ``next_frame()``
+    returns a frame, ``NEED_DATA`` or ``CLOSED``; bad frames are skipped and counted in ``stats`` on the way.
+
+    The buffer has a fixed size (``capacity`` plus room for one frame and its length) and never moves, so a view
+    cannot outlive its bytes; the unparsed tail moves to its start when room runs low. Given more than fits,
+    ``receive_data`` parses complete frames out (kept as ``bytes`` for ``frames()``) to make room, so it takes
+    any amount.
     """
 
-    __slots__ = ("_buf", "_closed", "_pos", "_skip", "max_frame", "stats")
+    __slots__ = ("_buf", "_closed", "_end", "_ready", "_skip", "_start", "_view", "max_frame", "stats")
 
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME, capacity: int = DECODER_CAPACITY) -> None:
         self.max_frame = _check_max_frame(max_frame)
         self.stats = FrameStats()
-        self._buf = bytearray()
-        self._pos = 0
+        self._buf = bytearray(max(capacity, 1) + LENGTH_SIZE + max_frame)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte not parsed yet
+        self._end = 0  # end of the bytes received
         self._skip = 0  # bytes of a rejected frame still to discard
         self._closed = False
+        self._ready: list[bytes] = []  # frames receive_data parsed out to make room
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet turned into frames (bounded by ``LENGTH_SIZE + max_frame``)."""
-        return len(self._buf) - self._pos
+        """Bytes received but not yet turned into frames (bounded by ``LENGTH_SIZE + max_frame`` once parsed)."""
+        return self._end - self._start
+
+    # --- zero-copy feeding ---------------------------------------------------------------------------------
+
+    def read_buffer(self) -> memoryview:
+        """Free space to read the stream into, at least half the buffer. Voids the views handed out before."""
+        if self._closed:
+            raise FrameProtocolError("read after end of stream")
+        self._make_room()
+        return self._view[self._end :]
+
+    def received(self, n: int) -> None:
+        """``n`` bytes were read into ``read_buffer()``; 0 means end of stream."""
+        if n == 0:
+            self._closed = True
+        elif 0 < n <= len(self._buf) - self._end:
+            self._end += n
+        else:
+            raise FrameProtocolError(f"received {n} bytes into {len(self._buf) - self._end} of space")
+
+    def frame_views(self) -> list[memoryview]:
+        """Every complete frame now available, as views of the buffer."""
+        out = [memoryview(f) for f in self._ready] + self._parse()
+        self._ready = []
+        self._settle()
+        return out
+
+    # --- copying feeding -----------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
@@ -121,73 +162,85 @@ class FrameDecoder:
         if not data:
             self._closed = True
             return
-        if self._skip:
-            # Discard straight from the input so a rejected frame is never buffered.
-            n = min(self._skip, len(data))
-            self._skip -= n
-            data = memoryview(data)[n:]
-            if not data:
-                return
-        self._buf += data
-
-    def next_frame(self) -> bytes | Need:
-        while True:
-            buf = self._buf
-            pos = self._pos
-            avail = len(buf) - pos
-            if self._skip:
-                n = min(self._skip, avail)
+        view = memoryview(data)
+        while view:
+            if self._skip and self._start == self._end:
+                # Discard straight from the input so a rejected frame is never buffered.
+                n = min(self._skip, len(view))
                 self._skip -= n
-                pos += n
-                avail -= n
-                self._pos = pos
-                if self._skip:
-                    return self._need()
-            if avail < LENGTH_SIZE:
-                return self._need()
-            (length,) = _LENGTH.unpack_from(buf, pos)
-            if length == 0 or length < MIN_FRAME or length > self.max_frame:
-                self._count_bad(length)
-                self._pos = pos + LENGTH_SIZE
-                self._skip = length
+                view = view[n:]
                 continue
-            end = pos + LENGTH_SIZE + length
-            if end > len(buf):
-                return self._need()
-            frame = bytes(buf[pos + LENGTH_SIZE : end])
-            self._pos = end
-            if end >= _COMPACT_AT:
-                del buf[:end]
-                self._pos = 0
-            self.stats.frames += 1
-            self.stats.bytes += length
-            return frame
+            self._make_room()
+            if self._end == len(self._buf):
+                self._ready += [bytes(f) for f in self._parse()]
+                continue
+            n = min(len(self._buf) - self._end, len(view))
+            self._view[self._end : self._end + n] = view[:n]
+            self._end += n
+            view = view[n:]
 
     def frames(self) -> list[bytes]:
-        """All complete frames now available. Same result as calling ``next_frame`` until it stops; the
-        common case (well-formed frames, nothing to skip) runs in one tight loop for the drivers."""
-        out: list[bytes] = []
-        if not self._skip:
-            buf, pos, end_of_data = self._buf, self._pos, len(self._buf)
-            unpack, max_frame, total = _LENGTH.unpack_from, self.max_frame, 0
-            with memoryview(buf) as view:
-                while end_of_data - pos >= LENGTH_SIZE:
-                    (length,) = unpack(buf, pos)
-                    end = pos + LENGTH_SIZE + length
-                    if length < MIN_FRAME or length > max_frame or end > end_of_data:
-                        break  # a bad length or an incomplete frame: next_frame handles both
-                    out.append(bytes(view[pos + LENGTH_SIZE : end]))
-                    total += length
-                    pos = end
-            self.stats.frames += len(out)
-            self.stats.bytes += total
-            self._pos = pos
-            if pos >= _COMPACT_AT:
-                del buf[:pos]
-                self._pos = 0
-        while isinstance(frame := self.next_frame(), bytes):
-            out.append(frame)
+        """Every complete frame now available."""
+        out = self._ready + [bytes(f) for f in self._parse()]
+        self._ready = []
+        self._settle()
         return out
+
+    def next_frame(self) -> bytes | Need:
+        if not self._ready:
+            self._ready = [bytes(f) for f in self._parse()]
+        if self._ready:
+            return self._ready.pop(0)
+        self._settle()
+        return CLOSED if self._closed else NEED_DATA
+
+    # --- internals -----------------------------------------------------------------------------------------
+
+    def _parse(self) -> list[memoryview]:
+        out: list[memoryview] = []
+        buf, view, pos, end = self._buf, self._view, self._start, self._end
+        unpack, max_frame, total = _LENGTH.unpack_from, self.max_frame, 0
+        while True:
+            if self._skip:
+                n = min(self._skip, end - pos)
+                self._skip -= n
+                pos += n
+                if self._skip:
+                    break
+            if end - pos < LENGTH_SIZE:
+                break
+            (length,) = unpack(buf, pos)
+            if length < MIN_FRAME or length > max_frame:
+                self._count_bad(length)
+                pos += LENGTH_SIZE
+                self._skip = length
+                continue
+            stop = pos + LENGTH_SIZE + length
+            if stop > end:
+                break
+            out.append(view[pos + LENGTH_SIZE : stop])
+            total += length
+            pos = stop
+        self._start = pos
+        self.stats.frames += len(out)
+        self.stats.bytes += total
+        return out
+
+    def _make_room(self) -> None:
+        start, end = self._start, self._end
+        if start == end:
+            self._start = self._end = 0
+        elif start and len(self._buf) - end < len(self._buf) // 2:
+            k = end - start
+            # At most one partial frame moves; through a copy when it overlaps its new place.
+            self._view[:k] = self._view[start:end] if k <= start else bytes(self._view[start:end])
+            self._start, self._end = 0, k
+
+    def _settle(self) -> None:
+        """At end of stream, what is left is an incomplete frame: counted once, then gone."""
+        if self._closed and (self._start < self._end or self._skip):
+            self.stats.dropped_truncated += 1
+            self._start = self._end = self._skip = 0
 
     def _count_bad(self, length: int) -> None:
         if length == 0:
@@ -196,19 +249,6 @@ class FrameDecoder:
             self.stats.dropped_runt += 1
         else:
             self.stats.dropped_oversize += 1
-
-    def _need(self) -> Need:
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        if not self._closed:
-            return NEED_DATA
-        if self._pos < len(self._buf) or self._skip:
-            self.stats.dropped_truncated += 1
-            self._buf.clear()
-            self._pos = 0
-            self._skip = 0
-        return CLOSED
 
 
 class FrameEncoder:

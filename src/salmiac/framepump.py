@@ -208,38 +208,90 @@ def complete_checksum(frame: bytearray | memoryview, net_offset: int) -> None:
     frame[l4 + field_at : l4 + field_at + 2] = csum.to_bytes(2, "big")
 
 
-def dst_port(frame: bytes | bytearray | memoryview) -> int | None:
-    """Destination TCP/UDP port of an untagged IPv4/IPv6 frame (first fragment only), else None."""
-    if len(frame) < 34:
-        return None
-    ethertype = (frame[12] << 8) | frame[13]
-    if ethertype == 0x0800:
-        ihl = (frame[14] & 0x0F) * 4
-        if frame[23] not in (6, 17) or (((frame[20] & 0x1F) << 8) | frame[21]) != 0:
-            return None
-        at = 14 + ihl + 2
-    elif ethertype == 0x86DD:
-        if frame[20] not in (6, 17):
-            return None
-        at = 14 + 40 + 2
+# Classic BPF (linux/filter.h): just the opcodes the packet filter below uses.
+BPF_LD_B_ABS, BPF_LD_H_ABS, BPF_LD_H_IND, BPF_LDX_B_MSH = 0x30, 0x28, 0x48, 0xB1
+BPF_JA, BPF_JEQ_K, BPF_JGT_K, BPF_JGE_K, BPF_JSET_K, BPF_RET_K = 0x05, 0x15, 0x25, 0x35, 0x45, 0x06
+SKF_AD_PKTTYPE = (-0x1000 + 4) & 0xFFFFFFFF  # SKF_AD_OFF + SKF_AD_PKTTYPE: the skb's pkt_type
+SO_ATTACH_FILTER = 26
+_BPF_INSN = struct.Struct("=HBBI")
+
+
+_Target = int | str  # a relative jump, or the name of the instruction to jump to
+
+
+def packet_filter(keep_port_range: tuple[int, int] | None) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program for the uplink's packet socket: pass what the enclave should see.
+
+    Dropped in the kernel, before any copy to us: frames not addressed to this host (pkt_type other than
+    host, broadcast, multicast: another host's frames in promiscuous mode, our own outgoing ones) and TCP/UDP
+    to ``keep_port_range`` (the parent's own connections), IPv4 first fragments and IPv6 without extension
+    headers. Instructions as ``(code, jt, jf, k)``.
+    """
+    # (name, code, jt, jf, k): jumps may name their target; resolved to relative offsets below.
+    prog: list[tuple[str, int, _Target, _Target, _Target]] = [
+        ("", BPF_LD_B_ABS, 0, 0, SKF_AD_PKTTYPE),
+        ("", BPF_JGT_K, "drop", 0, 2),  # PACKET_HOST 0, PACKET_BROADCAST 1, PACKET_MULTICAST 2
+    ]
+    if keep_port_range is not None:
+        lo, hi = keep_port_range
+        prog += [
+            ("", BPF_LD_H_ABS, 0, 0, 12),  # EtherType
+            ("", BPF_JEQ_K, 0, "ipv6", 0x0800),
+            ("", BPF_LD_B_ABS, 0, 0, 14 + 9),  # IPv4 protocol
+            ("", BPF_JEQ_K, "ipv4_l4", 0, 6),
+            ("", BPF_JEQ_K, 0, "accept", 17),
+            ("ipv4_l4", BPF_LD_H_ABS, 0, 0, 14 + 6),  # flags and fragment offset
+            ("", BPF_JSET_K, "accept", 0, 0x1FFF),  # a later fragment carries no ports
+            ("", BPF_LDX_B_MSH, 0, 0, 14),  # X = IPv4 header length
+            ("", BPF_LD_H_IND, 0, 0, 14 + 2),  # destination port
+            ("", BPF_JA, 0, 0, "range"),
+            ("ipv6", BPF_JEQ_K, 0, "accept", 0x86DD),
+            ("", BPF_LD_B_ABS, 0, 0, 14 + 6),  # IPv6 next header
+            ("", BPF_JEQ_K, "ipv6_l4", 0, 6),
+            ("", BPF_JEQ_K, 0, "accept", 17),
+            ("ipv6_l4", BPF_LD_H_ABS, 0, 0, 14 + 40 + 2),
+            ("range", BPF_JGE_K, 0, "accept", lo),
+            ("", BPF_JGT_K, "accept", 0, hi),  # in the range: on to drop
+        ]
     else:
-        return None
-    if at + 2 > len(frame):
-        return None
-    return (frame[at] << 8) | frame[at + 1]
+        prog.append(("", BPF_JA, 0, 0, "accept"))
+    prog += [("drop", BPF_RET_K, 0, 0, 0), ("accept", BPF_RET_K, 0, 0, 0xFFFFFFFF)]
+    at = {name: i for i, (name, *_rest) in enumerate(prog) if name}
+
+    def rel(target: _Target, i: int) -> int:
+        return at[target] - i - 1 if isinstance(target, str) else target
+
+    return [(code, rel(jt, i), rel(jf, i), rel(k, i) if code == BPF_JA else int(k))
+            for i, (_name, code, jt, jf, k) in enumerate(prog)]
+
+
+def attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+    import ctypes  # here, not at the top: the enclave imports this module and never needs ctypes
+
+    code = ctypes.create_string_buffer(b"".join(_BPF_INSN.pack(*insn) for insn in program))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(program), ctypes.addressof(code))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
 
 
 class PacketPort:
     """An AF_PACKET socket on a host interface: what arrives for this host, and injection of frames.
 
-    Only frames addressed to this host (unicast to its MAC, broadcast, multicast) are read; our own
-    transmissions are not looped back (PACKET_IGNORE_OUTGOING). ``keep_port_range``: TCP/UDP frames to these
-    destination ports stay with the host's own kernel (its ephemeral range, so the parent's own connections
-    keep working) and are not forwarded.
+    Only frames addressed to this host (unicast to its MAC, broadcast, multicast) are read, and
+    ``keep_port_range``: TCP/UDP frames to these destination ports stay with the host's own kernel (its
+    ephemeral range, so the parent's own connections keep working); both by a BPF filter (``packet_filter``)
+    attached before the socket is bound, so nothing else is ever queued for us. Our own transmissions are
+    not looped back (PACKET_IGNORE_OUTGOING, and the filter).
 
     ``vnet_hdr`` (PACKET_VNET_HDR): frames are read and written with a virtio-net header, so GRO'd segments
     from the uplink and 64 KiB segments from the enclave cross whole, partial checksums travel as
-    NEEDS_CSUM. Without it, partial checksums are completed here and anything over ``max_frame`` is dropped.
+    NEEDS_CSUM; one ``readv`` per frame. (A TPACKET_V2 ring with PACKET_VNET_HDR wedged for good on this
+    kernel after a burst - every frame dropped, ping included - so offload reads without one.) Without
+    offload, frames come through a TPACKET_V2 ring, partial checksums are completed here and anything over
+    ``max_frame`` is dropped.
     """
 
     def __init__(
@@ -251,25 +303,25 @@ class PacketPort:
         rx_ring: bool = True,
         vnet_hdr: bool = False,
     ) -> None:
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        # Protocol 0: the socket receives nothing until bind, when its filter is in place.
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         self.max_frame = max_frame
         self.vnet_hdr = vnet_hdr
         self.max_record = vnet.MAX_RECORD if vnet_hdr else max_frame
         self.keep_port_range = keep_port_range
         self.rx_dropped = 0
-        self.rx_kept_for_host = 0
         self._ring: _RxRing | None = None
         try:
             if vnet_hdr:
                 self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             else:
                 self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
-            # Kernels < 4.20 lack it: outgoing frames are then filtered by pkttype in read_frames.
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # kernels < 4.20: the filter drops them (pkt_type OUTGOING)
                 self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            attach_filter(self.sock, packet_filter(keep_port_range))
             _grow_buffers(self.sock)
-            if rx_ring:
-                self._ring = _RxRing.attach(self.sock, self.max_record)
+            if rx_ring and not vnet_hdr:
+                self._ring = _RxRing.attach(self.sock, max_frame)
             self.sock.bind((ifname, ETH_P_ALL))
             self.sock.setblocking(False)
         except BaseException:
@@ -283,66 +335,65 @@ class PacketPort:
     def read_into(self, buf: memoryview, encoder: FrameEncoder) -> int:
         if self._ring is not None:
             return self._read_ring(self._ring, buf, encoder)
+        if self.vnet_hdr:
+            return self._read_each(buf, encoder)
         size = self.max_record + 1
         limit = len(buf) - LENGTH_SIZE - size
-        keep = self.keep_port_range
-        eth_at = vnet.SIZE if self.vnet_hdr else 0
-        cmsg_space = 0 if self.vnet_hdr else self._cmsg_space
         pos = 0
         while pos <= limit:
             start = pos + LENGTH_SIZE
             try:
-                n, anc, flags, addr = self.sock.recvmsg_into([buf[start : start + size]], cmsg_space)
+                n, anc, flags, _addr = self.sock.recvmsg_into([buf[start : start + size]], self._cmsg_space)
             except BlockingIOError:
                 break
-            if addr[2] not in (PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST):
-                continue
             if n > self.max_record or flags & socket.MSG_TRUNC:
                 self.rx_dropped += 1  # e.g. GRO left on without offload: too big to be one frame
                 continue
-            frame = buf[start : start + n]
-            if keep is not None:
-                port = dst_port(frame[eth_at:])
-                if port is not None and keep[0] <= port <= keep[1]:
-                    self.rx_kept_for_host += 1
-                    continue
             for level, kind, cdata in anc:
                 if level == SOL_PACKET and kind == PACKET_AUXDATA and len(cdata) >= _AUXDATA.size:
                     status, _l, _s, _mac, net, _t, _p = _AUXDATA.unpack_from(cdata)
                     if status & TP_STATUS_CSUMNOTREADY:
-                        complete_checksum(frame, net)
+                        complete_checksum(buf[start : start + n], net)
             pos = encoder.seal(buf, pos, n)
         return pos
 
+    def _read_each(self, buf: memoryview, encoder: FrameEncoder) -> int:
+        # The filter chose the frames and the virtio-net header says all there is to say: a bare readv each.
+        readv, seal, fd = os.readv, encoder.seal, self.sock.fileno()
+        size = self.max_record + 1
+        limit = len(buf) - LENGTH_SIZE - size
+        pos = 0
+        while pos <= limit:
+            try:
+                n = readv(fd, [buf[pos + LENGTH_SIZE : pos + LENGTH_SIZE + size]])
+            except BlockingIOError:
+                break
+            if n > self.max_record:
+                self.rx_dropped += 1
+                continue
+            pos = seal(buf, pos, n)
+        return pos
+
     def _read_ring(self, ring: _RxRing, buf: memoryview, encoder: FrameEncoder) -> int:
-        keep, max_record, seal = self.keep_port_range, self.max_record, encoder.seal
-        # With PACKET_VNET_HDR the kernel puts the virtio-net header just before the frame in the slot.
-        head = vnet.SIZE if self.vnet_hdr else 0
-        complete = not self.vnet_hdr
+        max_frame, seal = self.max_frame, encoder.seal
         mm, view, slot_size, nslots = ring.mm, ring.view, ring.slot_size, ring.nslots
         unpack = _TPACKET2_HDR.unpack_from
-        limit = len(buf) - LENGTH_SIZE - max_record
+        limit = len(buf) - LENGTH_SIZE - max_frame
         i, pos = ring.next, 0
         while pos <= limit:
             off = i * slot_size
             status, length, snaplen, mac, net = unpack(mm, off)
             if not status & TP_STATUS_USER:
                 break
-            if mm[off + _TPACKET2_PKTTYPE] > PACKET_MULTICAST:
-                pass  # another host's or our own outgoing frame
-            elif snaplen != length or length + head > max_record:
+            if snaplen != length or length > max_frame:
                 self.rx_dropped += 1
             else:
                 start = pos + LENGTH_SIZE
-                record = buf[start : start + head + length]
-                record[:] = view[off + mac - head : off + mac + length]  # the one copy, ring -> send buffer
-                port = dst_port(record[head:]) if keep is not None else None
-                if keep is not None and port is not None and keep[0] <= port <= keep[1]:
-                    self.rx_kept_for_host += 1
-                else:
-                    if complete and status & TP_STATUS_CSUMNOTREADY:
-                        complete_checksum(record, net - mac)
-                    pos = seal(buf, pos, head + length)
+                frame = buf[start : start + length]
+                frame[:] = view[off + mac : off + mac + length]  # the one copy, ring -> send buffer
+                if status & TP_STATUS_CSUMNOTREADY:
+                    complete_checksum(frame, net - mac)
+                pos = seal(buf, pos, length)
             mm[off : off + 4] = b"\0\0\0\0"  # hand the slot back to the kernel
             i = i + 1 if i + 1 < nslots else 0
         ring.next = i
@@ -365,10 +416,7 @@ TPACKET_V2 = 1
 TP_STATUS_USER = 1
 _TPACKET2_HDR = struct.Struct("=IIIHH")
 """tp_status, tp_len, tp_snaplen, tp_mac, tp_net (the head of struct tpacket2_hdr)."""
-_TPACKET2_PKTTYPE = 32 + 10
-"""sockaddr_ll follows the 32-byte tpacket2_hdr (TPACKET_ALIGN'ed); sll_pkttype is its byte 10."""
-RX_RING_BYTES = 16 << 20
-"""With offload a slot holds a 64 KiB segment (128 KiB slots: 128 of them); without, 16 KiB slots."""
+RX_RING_BYTES = 8 << 20
 
 
 @dataclass
@@ -461,8 +509,6 @@ class PumpStats:
         }
         if port is not None:
             out["device_rx_dropped"] = getattr(port, "rx_dropped", 0)
-            if hasattr(port, "rx_kept_for_host"):
-                out["device_rx_kept_for_host"] = port.rx_kept_for_host
             if getattr(port, "vnet_hdr", False):
                 out["device_tx_refused_header"] = getattr(port, "tx_refused_header", 0)
         return out

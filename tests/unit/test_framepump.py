@@ -1,5 +1,6 @@
-"""Pure helpers of the frame pump: RFC 1071 checksum, completing offloaded checksums, port peeking;
-and the pump itself over a socketpair with a fake device."""
+"""Pure helpers of the frame pump: RFC 1071 checksum, completing offloaded checksums, the uplink's BPF filter
+(run by a reference interpreter here, by the kernel in tests/integration/test_netrelay.py); and the pump itself
+over a socketpair with a fake device."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from salmiac.framepump import FdStream, FramePump, complete_checksum, dst_port, ones_complement_checksum
+from salmiac import framepump
+from salmiac.framepump import FdStream, FramePump, complete_checksum, ones_complement_checksum, packet_filter
 from salmiac.protocol.frames import LENGTH_SIZE, FrameDecoder, FrameEncoder, encode_raw
 
 
@@ -62,12 +64,74 @@ def test_complete_partial_tcp_checksum(payload: bytes) -> None:
     assert reference_checksum(pseudo + seg) == 0
 
 
-def test_dst_port() -> None:
-    assert dst_port(tcp_frame(b"x", dport=8080)) == 8080
-    frag = tcp_frame(b"x")
-    frag[20:22] = b"\x00\x10"  # a non-first fragment carries no port
-    assert dst_port(frag) is None
-    assert dst_port(b"\0" * 20) is None
+def run_bpf(program: list[tuple[int, int, int, int]], frame: bytes, pkttype: int = 0) -> int:
+    """Classic BPF as the kernel runs it (net/core/filter.c), for the opcodes ``packet_filter`` uses. An out
+    of bounds load ends the program with 0 (drop), as in the kernel."""
+    a = x = pc = 0
+    while True:
+        code, jt, jf, k = program[pc]
+        pc += 1
+        try:
+            if code == framepump.BPF_LD_B_ABS:
+                a = pkttype if k == framepump.SKF_AD_PKTTYPE else frame[k]
+            elif code == framepump.BPF_LD_H_ABS:
+                if k + 2 > len(frame):
+                    return 0
+                a = int.from_bytes(frame[k : k + 2], "big")
+            elif code == framepump.BPF_LD_H_IND:
+                if x + k + 2 > len(frame):
+                    return 0
+                a = int.from_bytes(frame[x + k : x + k + 2], "big")
+            elif code == framepump.BPF_LDX_B_MSH:
+                x = (frame[k] & 0x0F) * 4
+            elif code == framepump.BPF_JA:
+                pc += k
+            elif code == framepump.BPF_RET_K:
+                return k
+            else:
+                taken = {framepump.BPF_JEQ_K: a == k, framepump.BPF_JGT_K: a > k, framepump.BPF_JGE_K: a >= k,
+                         framepump.BPF_JSET_K: bool(a & k)}[code]
+                pc += jt if taken else jf
+        except IndexError:
+            return 0
+
+
+def udp6_frame(dport: int, next_header: int = 17) -> bytes:
+    ip6 = struct.pack(">IHBB16s16s", 6 << 28, 8, next_header, 64, b"\xfd" + b"\0" * 15, b"\xfd" + b"\0" * 14 + b"\1")
+    return b"\x02" * 6 + b"\x04" * 6 + b"\x86\xdd" + ip6 + struct.pack(">HHHH", 5353, dport, 8, 0)
+
+
+@pytest.mark.parametrize(("frame", "pkttype", "passes"), [
+    (tcp_frame(b"x", dport=80), 0, True),
+    (tcp_frame(b"x", dport=40000), 0, False),  # the parent's own connection
+    (tcp_frame(b"x", dport=32768), 0, False),
+    (tcp_frame(b"x", dport=49151), 0, False),
+    (tcp_frame(b"x", dport=49152), 0, True),  # the enclave's ephemeral range
+    (tcp_frame(b"x", dport=80), 1, True),  # broadcast
+    (tcp_frame(b"x", dport=80), 2, True),  # multicast
+    (tcp_frame(b"x", dport=80), 3, False),  # another host's (promiscuous uplink)
+    (tcp_frame(b"x", dport=80), 4, False),  # our own outgoing frame
+    (udp6_frame(40000), 0, False),
+    (udp6_frame(53), 0, True),
+    (udp6_frame(40000, next_header=0), 0, True),  # behind an extension header: not looked into
+    (bytes.fromhex("ffffffffffff020000000001" "0806") + bytes(28), 0, True),  # ARP
+], ids=["tcp-80", "parent-port", "parent-low", "parent-high", "enclave-port", "broadcast", "multicast",
+        "otherhost", "outgoing", "udp6-parent-port", "udp6-53", "ipv6-ext", "arp"])
+def test_uplink_filter(frame: bytes, pkttype: int, passes: bool) -> None:
+    assert (run_bpf(packet_filter((32768, 49151)), bytes(frame), pkttype) != 0) == passes
+
+
+def test_uplink_filter_ports_past_ip_options_and_in_fragments() -> None:
+    with_options = tcp_frame(b"x", dport=40000)
+    with_options[14] = 0x46  # IHL 6: four bytes of options before TCP
+    with_options[34:34] = b"\x01\x01\x01\x00"
+    program = packet_filter((32768, 49151))
+    assert run_bpf(program, bytes(with_options)) == 0, "the port is found past the options"
+    later_fragment = tcp_frame(b"x", dport=40000)
+    later_fragment[20:22] = b"\x00\x10"  # offset 128 bytes: no TCP header in this one
+    assert run_bpf(program, bytes(later_fragment)) != 0
+    assert run_bpf(packet_filter(None), bytes(tcp_frame(b"x", dport=40000))) != 0, "no range: only pkttype"
+    assert run_bpf(packet_filter(None), bytes(tcp_frame(b"x")), pkttype=4) == 0
 
 
 class FakePort:

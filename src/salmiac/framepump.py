@@ -121,20 +121,8 @@ class TapPort:
         return self.fd
 
     def read_into(self, buf: memoryview, encoder: FrameEncoder) -> int:
-        # readv into the send buffer, just past room for the length: no per-frame object, no join.
-        readv, seal, fd = os.readv, encoder.seal, self.fd
-        size = self.max_record + 1
-        limit = len(buf) - LENGTH_SIZE - size
-        pos = 0
-        while pos <= limit:
-            try:
-                n = readv(fd, [buf[pos + LENGTH_SIZE : pos + LENGTH_SIZE + size]])
-            except BlockingIOError:
-                break
-            if n > self.max_record:
-                self.rx_dropped += 1  # truncated: larger than any frame we may forward
-                continue
-            pos = seal(buf, pos, n)
+        pos, truncated = _read_each(self.fd, buf, encoder, self.max_record)
+        self.rx_dropped += truncated
         return pos
 
     def write_frames(self, frames: list[memoryview]) -> int:
@@ -148,6 +136,25 @@ class TapPort:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _read_each(fd: int, buf: memoryview, encoder: FrameEncoder, max_record: int) -> tuple[int, int]:
+    """One ``readv`` per frame straight into ``buf``, just past room for its length (no per-frame object, no
+    join), while a record of ``max_record`` still fits; the bytes used, and how many frames were too large."""
+    readv, seal = os.readv, encoder.seal
+    size = max_record + 1
+    limit = len(buf) - LENGTH_SIZE - size
+    pos = truncated = 0
+    while pos <= limit:
+        try:
+            n = readv(fd, [buf[pos + LENGTH_SIZE : pos + LENGTH_SIZE + size]])
+        except BlockingIOError:
+            break
+        if n > max_record:
+            truncated += 1  # cut short: larger than any frame we may forward
+            continue
+        pos = seal(buf, pos, n)
+    return pos, truncated
 
 
 def _write_each(write: Callable[[int, memoryview], int], fd: int, frames: list[memoryview]) -> int:
@@ -336,7 +343,10 @@ class PacketPort:
         if self._ring is not None:
             return self._read_ring(self._ring, buf, encoder)
         if self.vnet_hdr:
-            return self._read_each(buf, encoder)
+            # The filter chose the frames and the virtio-net header says all there is to say: a bare readv each.
+            pos, truncated = _read_each(self.sock.fileno(), buf, encoder, self.max_record)
+            self.rx_dropped += truncated
+            return pos
         size = self.max_record + 1
         limit = len(buf) - LENGTH_SIZE - size
         pos = 0
@@ -355,23 +365,6 @@ class PacketPort:
                     if status & TP_STATUS_CSUMNOTREADY:
                         complete_checksum(buf[start : start + n], net)
             pos = encoder.seal(buf, pos, n)
-        return pos
-
-    def _read_each(self, buf: memoryview, encoder: FrameEncoder) -> int:
-        # The filter chose the frames and the virtio-net header says all there is to say: a bare readv each.
-        readv, seal, fd = os.readv, encoder.seal, self.sock.fileno()
-        size = self.max_record + 1
-        limit = len(buf) - LENGTH_SIZE - size
-        pos = 0
-        while pos <= limit:
-            try:
-                n = readv(fd, [buf[pos + LENGTH_SIZE : pos + LENGTH_SIZE + size]])
-            except BlockingIOError:
-                break
-            if n > self.max_record:
-                self.rx_dropped += 1
-                continue
-            pos = seal(buf, pos, n)
         return pos
 
     def _read_ring(self, ring: _RxRing, buf: memoryview, encoder: FrameEncoder) -> int:

@@ -56,6 +56,11 @@ def curl(topo: Topology, ns: str, url: str, out: Path, timeout: int = 10) -> sub
                    check=False)  # fmt: skip
 
 
+def curl_until_ok(topo: Topology, ns: str, url: str, out: Path, what: str) -> str:
+    """curl ``url`` from ``ns`` until it answers 200 (the relay may still be coming up); "200 REMOTE_IP"."""
+    return str(wait_until(lambda: (r := curl(topo, ns, url, out)).stdout.startswith("200") and r.stdout, what=what))
+
+
 def test_enclave_took_the_offer(transparent: Topology) -> None:
     t = transparent
     addr = t.ns(t.enclave, "ip", "-j", "addr", "show", "salmiac0").stdout
@@ -74,11 +79,8 @@ def test_curl_from_client_reaches_http_server_in_enclave(transparent: Topology) 
     t = transparent
     blob = serve_http(t, t.enclave, PARENT_IP, 8000, "http-enclave.log")
     out = t.dir / "got.bin"
-    res = wait_until(
-        lambda: (r := curl(t, t.client, f"http://{PARENT_IP}:8000/blob.bin", out)).stdout.startswith("200") and r,
-        what="http via the parent's address",
-    )
-    assert res.stdout == f"200 {PARENT_IP}"
+    res = curl_until_ok(t, t.client, f"http://{PARENT_IP}:8000/blob.bin", out, "http via the parent's address")
+    assert res == f"200 {PARENT_IP}"
     assert out.read_bytes() == blob.read_bytes()
     # The app saw the client's own address.
     wait_until(lambda: f"{CLIENT_IP} - - " in t.log("http-enclave.log"), what="access log")
@@ -105,11 +107,8 @@ def test_outbound_http_by_name_through_dnsmasq(transparent: Topology) -> None:
             "--log-facility=-", log="dnsmasq.log")  # fmt: skip
     blob = serve_http(t, t.client, CLIENT_IP, 8080, "http-client.log")
     out = t.dir / "out.bin"
-    res = wait_until(
-        lambda: (r := curl(t, t.enclave, "http://web.test:8080/blob.bin", out)).stdout.startswith("200") and r,
-        what="outbound http by name",
-    )
-    assert res.stdout == f"200 {CLIENT_IP}"
+    res = curl_until_ok(t, t.enclave, "http://web.test:8080/blob.bin", out, "outbound http by name")
+    assert res == f"200 {CLIENT_IP}"
     assert out.read_bytes() == blob.read_bytes()
     assert "query[A] web.test" in t.log("dnsmasq.log")
     # The search domain from the offer works too ("web" -> "web.test").
@@ -140,11 +139,8 @@ def test_the_parents_own_connections_keep_working(transparent: Topology) -> None
     t = transparent
     blob = serve_http(t, t.client, CLIENT_IP, 8090, "http-client-parent.log")
     out = t.dir / "parent-got.bin"
-    res = wait_until(
-        lambda: (r := curl(t, t.parent, f"http://{CLIENT_IP}:8090/blob.bin", out)).stdout.startswith("200") and r,
-        what="the parent's own http",
-    )
-    assert res.stdout == f"200 {CLIENT_IP}" and out.read_bytes() == blob.read_bytes()
+    res = curl_until_ok(t, t.parent, f"http://{CLIENT_IP}:8090/blob.bin", out, "the parent's own http")
+    assert res == f"200 {CLIENT_IP}" and out.read_bytes() == blob.read_bytes()
     t.spawn(t.client, PY, "-c", UDP_ECHO, CLIENT_IP, "5400", log="udp-parent.log")
     got = wait_until(lambda: t.ns(t.parent, PY, "-c", UDP_ASK, CLIENT_IP, "5400", check=False).stdout.strip(),
                      what="the parent's own udp")

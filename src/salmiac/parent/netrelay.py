@@ -25,8 +25,8 @@ transparent (default, as in Fortanix Salmiac)
     ``iptables -P INPUT DROP``. A second, private TAP pair carries parent<->enclave services (NBD, logs,
     a dnsmasq when the parent's resolv.conf points at 127.0.0.x). We differ in the split port ranges
     (``-m socket`` alone still lets the enclave receive, and RST, replies meant for the parent's own
-    sockets), in completing only the checksums the kernel flags as partial, and in reading AF_PACKET
-    through a TPACKET_V2 ring instead of libpcap.
+    sockets), in computing no checksum at all (partial ones travel as such in the virtio-net header, see
+    Offload), and in filtering with our own BPF program on a bare AF_PACKET socket instead of libpcap.
 
     Trade-offs: no address change on the parent (its own kernel keeps ARP, routes and the IP for its own
     outbound traffic), no NAT state, client addresses preserved; but the parent cannot serve any port

@@ -48,6 +48,7 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
+TUN_F_USO4, TUN_F_USO6 = 0x20, 0x40  # Linux >= 6.2
 TAP_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 PACKET_VNET_HDR = 15
 ETH_P_ALL = 0x0003
@@ -88,7 +89,7 @@ def open_tap(name: str, *, vnet_hdr: bool = False) -> int:
     """Create (or attach to) TAP device ``name`` without packet-info headers; returns a non-blocking fd.
 
     ``vnet_hdr``: every read and write starts with a virtio-net header, and the kernel may hand us (and takes
-    from us) TCP segments of up to 64 KiB with partial checksums (TUNSETOFFLOAD)."""
+    from us) TCP and UDP segments of up to 64 KiB with partial checksums (TUNSETOFFLOAD)."""
     if not name or len(name.encode()) > 15:
         raise ValueError(f"bad interface name {name!r}")
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -96,7 +97,12 @@ def open_tap(name: str, *, vnet_hdr: bool = False) -> int:
         flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
         if vnet_hdr:
-            fcntl.ioctl(fd, TUNSETOFFLOAD, TAP_OFFLOADS)
+            try:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TAP_OFFLOADS | TUN_F_USO4 | TUN_F_USO6)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TAP_OFFLOADS)  # an older kernel: UDP is segmented before us
     except BaseException:
         os.close(fd)
         raise
@@ -121,8 +127,8 @@ class TapPort:
         return self.fd
 
     def read_into(self, buf: memoryview, encoder: FrameEncoder) -> int:
-        pos, truncated = _read_each(self.fd, buf, encoder, self.max_record)
-        self.rx_dropped += truncated
+        pos, dropped = _read_each(self.fd, buf, encoder, self.max_record)
+        self.rx_dropped += dropped
         return pos
 
     def write_frames(self, frames: list[memoryview]) -> int:
@@ -140,21 +146,30 @@ class TapPort:
 
 def _read_each(fd: int, buf: memoryview, encoder: FrameEncoder, max_record: int) -> tuple[int, int]:
     """One ``readv`` per frame straight into ``buf``, just past room for its length (no per-frame object, no
-    join), while a record of ``max_record`` still fits; the bytes used, and how many frames were too large."""
+    join), while a record of ``max_record`` still fits; the bytes used, and how many frames were dropped.
+
+    Dropped: a frame larger than any we may forward, and one the kernel cannot describe in a virtio-net header
+    (EINVAL for that read alone, e.g. a UDP segment of a sender using UDP_SEGMENT over a veth uplink, on a kernel
+    without UDP segmentation offload in that header): the next read goes on."""
     readv, seal = os.readv, encoder.seal
     size = max_record + 1
     limit = len(buf) - LENGTH_SIZE - size
-    pos = truncated = 0
+    pos = dropped = 0
     while pos <= limit:
         try:
             n = readv(fd, [buf[pos + LENGTH_SIZE : pos + LENGTH_SIZE + size]])
         except BlockingIOError:
             break
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            dropped += 1
+            continue
         if n > max_record:
-            truncated += 1  # cut short: larger than any frame we may forward
+            dropped += 1
             continue
         pos = seal(buf, pos, n)
-    return pos, truncated
+    return pos, dropped
 
 
 def _write_each(write: Callable[[int, memoryview], int], fd: int, frames: list[memoryview]) -> int:
@@ -344,8 +359,8 @@ class PacketPort:
             return self._read_ring(self._ring, buf, encoder)
         if self.vnet_hdr:
             # The filter chose the frames and the virtio-net header says all there is to say: a bare readv each.
-            pos, truncated = _read_each(self.sock.fileno(), buf, encoder, self.max_record)
-            self.rx_dropped += truncated
+            pos, dropped = _read_each(self.sock.fileno(), buf, encoder, self.max_record)
+            self.rx_dropped += dropped
             return pos
         size = self.max_record + 1
         limit = len(buf) - LENGTH_SIZE - size

@@ -54,7 +54,8 @@ def tcp_segment(length: int = 65000, **fields: int) -> bytes:
     tcp_segment(),
     tcp_segment(vnet.MAX_SEGMENT_FRAME),
     tcp_segment(gso_type=vnet.GSO_TCPV6 | vnet.GSO_ECN, csum_start=54),
-], ids=["small", "mtu", "data-valid", "partial-csum", "segment", "largest-segment", "tcpv6-ecn"])
+    tcp_segment(gso_type=vnet.GSO_UDP_L4, hdr_len=42, gso_size=1000, csum_offset=6),  # UDP_SEGMENT senders
+], ids=["small", "mtu", "data-valid", "partial-csum", "segment", "largest-segment", "tcpv6-ecn", "udp-l4"])
 def test_what_linux_produces_is_accepted(record: bytes) -> None:
     assert vnet.refusal(record, MTU_FRAME) is None
 
@@ -65,7 +66,7 @@ def test_what_linux_produces_is_accepted(record: bytes) -> None:
     (vnet.pack(gso_type=vnet.GSO_ECN) + bytes(60), "ECN without segmentation"),
     (vnet.PLAIN + bytes(MTU_FRAME + 1), "1519-byte frame without segmentation"),
     (tcp_segment(gso_type=3), "segmentation type 0x3"),  # UFO: never offered
-    (tcp_segment(gso_type=5), "segmentation type 0x5"),  # USO: never offered
+    (tcp_segment(gso_type=vnet.GSO_UDP_L4 | vnet.GSO_ECN), "segmentation type 0x85"),  # ECN is TCP's
     (tcp_segment(flags=0), "without a partial checksum"),
     (tcp_segment(gso_size=0), "segment size 0"),
     (tcp_segment(gso_size=9000), "segment size 9000"),
@@ -89,6 +90,6 @@ def test_any_bytes_get_an_answer_never_an_exception(record: bytes, max_plain: in
     answer = vnet.refusal(record, max_plain)
     if answer is None:
         flags, gso_type, _, _, start, offset = vnet.HEADER.unpack_from(record)
-        assert not flags & ~3 and gso_type in (0, 1, 4, 0x81, 0x84)
+        assert not flags & ~3 and gso_type in (0, 1, 4, 5, 0x81, 0x84)
         if flags & vnet.F_NEEDS_CSUM:
             assert start + offset + 2 <= len(record) - vnet.SIZE

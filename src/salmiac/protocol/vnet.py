@@ -11,7 +11,7 @@ little-endian hosts, which is what x86-64 and arm64 Nitro hosts are)::
 
     u8   flags        NEEDS_CSUM (1): checksum from csum_start, stored at csum_start + csum_offset
                       DATA_VALID (2): the sender already verified the checksum (AF_PACKET reports it)
-    u8   gso_type     NONE (0), TCPV4 (1), TCPV6 (4); | ECN (0x80)
+    u8   gso_type     NONE (0), TCPV4 (1), TCPV6 (4), UDP_L4 (5: UDP segmentation, IPv4 or IPv6); | ECN (0x80)
     le16 hdr_len      bytes of Ethernet + IP + TCP headers
     le16 gso_size     payload bytes per segment (the MSS)
     le16 csum_start   from the start of the Ethernet frame
@@ -19,8 +19,8 @@ little-endian hosts, which is what x86-64 and arm64 Nitro hosts are)::
 
 The enclave's kernel parses these headers from the parent, which is not trusted, so the enclave refuses
 (``refusal``) any header outside the few shapes its own kernel and a Linux parent produce: only those two
-flags, TCP segmentation only, a checksum field inside the frame, a segment size and frame length within
-bounds. Kernel parsers of this header have had bugs (malformed GSO packets); a narrow door keeps them out of
+flags, TCP or UDP segmentation only (no UFO: IP fragmentation), ECN only on TCP, a checksum field inside the
+frame, a segment size and frame length within bounds. Kernel parsers of this header have had bugs (malformed GSO packets); a narrow door keeps them out of
 reach.
 """
 
@@ -40,6 +40,7 @@ F_DATA_VALID: Final = 2
 GSO_NONE: Final = 0
 GSO_TCPV4: Final = 1
 GSO_TCPV6: Final = 4
+GSO_UDP_L4: Final = 5
 GSO_ECN: Final = 0x80
 
 MAX_IP_PACKET: Final = 65535
@@ -52,7 +53,7 @@ PLAIN: Final = bytes(SIZE)
 """The header of a frame with nothing to offload."""
 
 _FLAGS: Final = F_NEEDS_CSUM | F_DATA_VALID
-_GSO_TYPES: Final = frozenset({GSO_TCPV4, GSO_TCPV6})
+_GSO_TYPES: Final = frozenset({GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4})
 
 
 def refusal(record: bytes | bytearray | memoryview, max_plain_frame: int) -> str | None:
@@ -75,7 +76,7 @@ def refusal(record: bytes | bytearray | memoryview, max_plain_frame: int) -> str
         if length > max_plain_frame:
             return f"{length}-byte frame without segmentation (at most {max_plain_frame})"
         return None
-    if gso not in _GSO_TYPES:
+    if gso not in _GSO_TYPES or (gso_type & GSO_ECN and gso == GSO_UDP_L4):
         return f"segmentation type {gso_type:#x}"
     if not flags & F_NEEDS_CSUM:
         return "segmentation without a partial checksum"

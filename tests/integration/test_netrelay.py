@@ -145,6 +145,10 @@ def test_the_parents_own_connections_keep_working(transparent: Topology) -> None
     got = wait_until(lambda: t.ns(t.parent, PY, "-c", UDP_ASK, CLIENT_IP, "5400", check=False).stdout.strip(),
                      what="the parent's own udp")
     assert got == f"echo:hello from {PARENT_IP}"
+    # A reply larger than the MTU arrives in IP fragments; only the first carries the port (a big DNS answer).
+    big = wait_until(lambda: t.ns(t.parent, PY, "-c", UDP_ASK, CLIENT_IP, "5400", "4000", check=False).stdout.strip(),
+                     what="the parent's own fragmented udp")
+    assert big == "echo:" + "h" * 4000 + f" from {PARENT_IP}"
 
 
 def test_parent_kernel_stays_silent(transparent: Topology) -> None:
@@ -492,7 +496,7 @@ import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((sys.argv[1], int(sys.argv[2])))
 while True:
-    data, peer = s.recvfrom(2048)
+    data, peer = s.recvfrom(65535)
     s.sendto(b"echo:" + data + b" from " + peer[0].encode(), peer)
 """
 
@@ -500,9 +504,9 @@ UDP_ASK = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(1)
-s.sendto(b"hello", (sys.argv[1], int(sys.argv[2])))
+s.sendto(b"h" * int(sys.argv[3]) if len(sys.argv) > 3 else b"hello", (sys.argv[1], int(sys.argv[2])))
 try:
-    print(s.recv(2048).decode())
+    print(s.recv(65535).decode())
 except TimeoutError:
     pass
 """

@@ -2,7 +2,7 @@
 
 With offload, every frame on the link is ``virtio_net_hdr + Ethernet frame``, exactly what a TAP opened with
 IFF_VNET_HDR reads and writes, and what an AF_PACKET socket with PACKET_VNET_HDR receives and sends. A frame
-can then be one 64 KiB TCP segment ("GSO": the receiving kernel or NIC cuts it to the MTU) with its checksum
+can then be one 64 KiB TCP or UDP segment ("GSO": the receiving kernel or NIC cuts it to the MTU) with its checksum
 left for the receiver to finish ("NEEDS_CSUM"), so the relay moves one record where it would move 45, and
 no one computes a checksum in Python. Without offload the link carries plain Ethernet frames.
 
@@ -20,8 +20,8 @@ little-endian hosts, which is what x86-64 and arm64 Nitro hosts are)::
 The enclave's kernel parses these headers from the parent, which is not trusted, so the enclave refuses
 (``refusal``) any header outside the few shapes its own kernel and a Linux parent produce: only those two
 flags, TCP or UDP segmentation only (no UFO: IP fragmentation), ECN only on TCP, a checksum field inside the
-frame, a segment size and frame length within bounds. Kernel parsers of this header have had bugs (malformed GSO packets); a narrow door keeps them out of
-reach.
+frame, a segment size and frame length within bounds. Kernel parsers of this header have had bugs (malformed
+GSO packets); a narrow door keeps them out of reach.
 """
 
 from __future__ import annotations

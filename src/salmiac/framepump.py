@@ -31,6 +31,7 @@ import errno
 import fcntl
 import mmap
 import os
+import re
 import select
 import socket
 import struct
@@ -85,11 +86,19 @@ def max_record(mtu: int, vnet_hdr: bool) -> int:
     return vnet.MAX_RECORD if vnet_hdr else mtu + ETH_HEADER + VLAN_TAG
 
 
-def open_tap(name: str, *, vnet_hdr: bool = False) -> int:
+def kernel_takes_udp_segments(release: str | None = None) -> bool:
+    """Linux >= 6.2 knows UDP segments in a virtio-net header (TUN_F_USO, GSO_UDP_L4); older kernels refuse
+    them with EINVAL, on a TAP and on a packet socket alike."""
+    found = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
+    return found is not None and (int(found.group(1)), int(found.group(2))) >= (6, 2)
+
+
+def open_tap(name: str, *, vnet_hdr: bool = False, udp_segments: bool = False) -> int:
     """Create (or attach to) TAP device ``name`` without packet-info headers; returns a non-blocking fd.
 
     ``vnet_hdr``: every read and write starts with a virtio-net header, and the kernel may hand us (and takes
-    from us) TCP and UDP segments of up to 64 KiB with partial checksums (TUNSETOFFLOAD)."""
+    from us) TCP segments of up to 64 KiB with partial checksums (TUNSETOFFLOAD); UDP segments too with
+    ``udp_segments`` when this kernel has them."""
     if not name or len(name.encode()) > 15:
         raise ValueError(f"bad interface name {name!r}")
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -97,12 +106,8 @@ def open_tap(name: str, *, vnet_hdr: bool = False) -> int:
         flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
         if vnet_hdr:
-            try:
-                fcntl.ioctl(fd, TUNSETOFFLOAD, TAP_OFFLOADS | TUN_F_USO4 | TUN_F_USO6)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                fcntl.ioctl(fd, TUNSETOFFLOAD, TAP_OFFLOADS)  # an older kernel: UDP is segmented before us
+            uso = TUN_F_USO4 | TUN_F_USO6 if udp_segments and kernel_takes_udp_segments() else 0
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TAP_OFFLOADS | uso)
     except BaseException:
         os.close(fd)
         raise

@@ -110,6 +110,9 @@ BAD = [
     ("long string", with_(hostname="a" * 10_000), "longer than"),
     ("v6 gw no v6", with_(gateway6="fe80::1"), "gateway6"),
     ("not a map", [], "expected a map"),
+    ("vnet_hdr string", with_(vnet_hdr="true"), "vnet_hdr: expected true or false"),
+    ("vnet_hdr int", with_(vnet_hdr=1), "vnet_hdr: expected true or false"),
+    ("udp_segments alone", with_(udp_segments=True), "udp_segments needs vnet_hdr"),
 ]
 
 
@@ -119,6 +122,23 @@ def test_refused(data: Any, needle: str) -> None:
         NetworkConfig.from_dict(data)
     assert isinstance(err.value, RequestError)
     assert "\n" not in str(err.value)
+
+
+def test_link_options_round_trip_and_default_off() -> None:
+    assert not NetworkConfig.from_dict(GOOD).vnet_hdr, "an older parent's offer: plain frames"
+    cfg = NetworkConfig.from_dict(with_(vnet_hdr=True, udp_segments=True))
+    assert cfg.vnet_hdr and cfg.udp_segments
+    assert NetworkConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(("release", "takes"), [
+    ("6.12.9+bpo-cloud-amd64", True), ("6.2.0", True), ("6.1.0-28-amd64", False),
+    ("5.10.230-223.885.amzn2.x86_64", False), ("7.0", True), ("unknown", False),
+])
+def test_udp_segments_need_linux_6_2(release: str, takes: bool) -> None:
+    from salmiac.framepump import kernel_takes_udp_segments
+
+    assert kernel_takes_udp_segments(release) is takes
 
 
 def test_ipv6_accepted() -> None:

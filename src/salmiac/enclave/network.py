@@ -41,9 +41,9 @@ class NetworkSetupError(RuntimeFailure):
     """The enclave could not bring its network up."""
 
 
-def create_tap(ifname: str = ENCLAVE_IFNAME, *, vnet_hdr: bool = False) -> int:
+def create_tap(ifname: str = ENCLAVE_IFNAME, *, vnet_hdr: bool = False, udp_segments: bool = False) -> int:
     try:
-        return open_tap(ifname, vnet_hdr=vnet_hdr)
+        return open_tap(ifname, vnet_hdr=vnet_hdr, udp_segments=udp_segments)
     except OSError as exc:
         raise NetworkSetupError(f"create TAP {ifname}: {exc.strerror} (is the tun module loaded?)") from exc
 
@@ -147,7 +147,7 @@ def start_network(
 
     ``stream``: a connected socket (vsock on Nitro) or an ``FdStream`` (a virtio-serial port in emulation).
     """
-    fd = create_tap(ifname, vnet_hdr=cfg.vnet_hdr)
+    fd = create_tap(ifname, vnet_hdr=cfg.vnet_hdr, udp_segments=cfg.udp_segments)
     try:
         apply_config(cfg, root, ifname=ifname, set_hostname=set_hostname, ip_cmd=ip_cmd)
     except BaseException:

@@ -76,7 +76,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from salmiac.errors import RequestError, RuntimeFailure, SalmiacError
-from salmiac.framepump import FramePort, FramePump, PacketPort, TapPort, max_record, open_tap
+from salmiac.framepump import (
+    FramePort,
+    FramePump,
+    PacketPort,
+    TapPort,
+    kernel_takes_udp_segments,
+    max_record,
+    open_tap,
+)
 from salmiac.protocol.frames import ETH_HEADER, VLAN_TAG
 from salmiac.protocol.netconfig import (
     MAX_DNS_SERVERS,
@@ -418,7 +426,7 @@ class NetRelay:
         try:
             uplink = read_uplink(self.uplink_name)
             if self.mode == "transparent":
-                self.offer = replace(offer_transparent(uplink, self.names), vnet_hdr=self.offload)
+                self.offer = self._with_link_options(offer_transparent(uplink, self.names))
                 if not self.offload:
                     _disable_offloads(uplink.ifname)
                 self._set("net/ipv4/ip_local_port_range", f"{PARENT_PORTS[0]} {PARENT_PORTS[1]}")
@@ -427,10 +435,10 @@ class NetRelay:
                                        vnet_hdr=self.offload)
             else:
                 subnet = choose_private_subnet(self._networks_in_use())
-                self.offer = replace(offer_published(subnet, uplink.mtu, self.names), vnet_hdr=self.offload)
+                self.offer = self._with_link_options(offer_published(subnet, uplink.mtu, self.names))
                 parent_ip = self.offer.gateway
                 assert parent_ip is not None  # offer_published always sets it
-                fd = open_tap(self.tap_name, vnet_hdr=self.offload)
+                fd = open_tap(self.tap_name, vnet_hdr=self.offload, udp_segments=self.offer.udp_segments)
                 self.port = TapPort(fd, self._max_frame(uplink.mtu), vnet_hdr=self.offload)
                 self._configure_tap(IPv4Interface(f"{parent_ip}/{subnet.prefixlen}"), uplink.mtu)
                 self._set("net/ipv4/ip_forward", "1")
@@ -473,6 +481,11 @@ class NetRelay:
         if self.port is not None:
             self.port.close()  # closing the TAP fd also deletes the (non-persistent) TAP
             self.port = None
+
+    def _with_link_options(self, offer: NetworkConfig) -> NetworkConfig:
+        """What the link carries: virtio-net headers with offload; UDP segments only if this kernel takes them
+        back (the enclave's kernel is new enough; the parent's, on the host, may not be)."""
+        return replace(offer, vnet_hdr=self.offload, udp_segments=self.offload and kernel_takes_udp_segments())
 
     @staticmethod
     def _max_frame(mtu: int) -> int:

@@ -98,6 +98,9 @@ class NetworkConfig:
     """The enclave's ephemeral port range, kept disjoint from the parent's in transparent mode."""
     vnet_hdr: bool = False
     """Frames on the link carry a virtio-net header: segmentation and checksum offload (``protocol.vnet``)."""
+    udp_segments: bool = False
+    """With ``vnet_hdr``: the parent's kernel takes UDP segments (GSO_UDP_L4, Linux >= 6.2), so the enclave's TAP
+    may hand them over whole; otherwise its kernel cuts UDP to the MTU before the TAP."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -133,6 +136,7 @@ class NetworkConfig:
                 hosts=tuple(_host(h) for h in _list(unsafe, "hosts", MAX_HOSTS_ENTRIES)),
                 local_port_range=_opt(unsafe, "local_port_range", _port_range),
                 vnet_hdr=_bool(unsafe, "vnet_hdr") if "vnet_hdr" in unsafe else False,
+                udp_segments=_bool(unsafe, "udp_segments") if "udp_segments" in unsafe else False,
             )
         except ValueError as exc:  # ipaddress parse errors
             raise NetConfigError(f"network config: {exc}") from exc
@@ -154,6 +158,8 @@ class NetworkConfig:
             out["local_port_range"] = list(self.local_port_range)
         if self.vnet_hdr:
             out["vnet_hdr"] = True
+        if self.udp_segments:
+            out["udp_segments"] = True
         return out
 
     # --- rendering -------------------------------------------------------------------------------------
@@ -190,6 +196,7 @@ _ALL_KEYS = _REQUIRED_KEYS | {
     "hosts",
     "local_port_range",
     "vnet_hdr",
+    "udp_segments",
 }
 
 
@@ -306,6 +313,8 @@ def _validate(cfg: NetworkConfig) -> None:
     first = int(cfg.mac[:2], 16)
     if first & 1 or cfg.mac == "00:00:00:00:00:00":
         raise fail(f"network config: mac: {cfg.mac} is multicast or zero")
+    if cfg.udp_segments and not cfg.vnet_hdr:
+        raise fail("network config: udp_segments needs vnet_hdr")
 
     min_mtu = MIN_MTU_V6 if cfg.ipv6 is not None else MIN_MTU_V4
     if isinstance(cfg.mtu, bool) or not min_mtu <= cfg.mtu <= MAX_MTU:

@@ -17,7 +17,7 @@ from salmiac.errors import RequestError, SalmiacError
 
 if TYPE_CHECKING:
     from salmiac.parent.nbd_server import Export
-    from salmiac.parent.netrelay import NetRelay
+    from salmiac.parent.netrelay import NetworkOptions
     from salmiac.runconfig import RunConfig
 
 log = logging.getLogger("salmiac")
@@ -25,7 +25,7 @@ log = logging.getLogger("salmiac")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise RequestError(f"usage: {message} (see `salmiac {self.prog.split()[-1]} --help`)")
+        raise RequestError(f"usage: {message} (see `{self.prog} --help`)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--network", choices=["auto", "transparent", "published", "none"], default="auto",
                    help="enclave networking: transparent (the enclave takes the parent's address; auto on Nitro), "
                         "published (NAT, only -p ports inbound; auto in emulation), none (auto without root)")
-    r.add_argument("-p", "--publish", action="append", default=[], metavar="HOST:ENCLAVE[/udp]",
+    r.add_argument("-p", "--publish", action="append", default=[], metavar="HOSTPORT:ENCLAVEPORT[/tcp|/udp]",
                    help="publish an enclave port on the parent, like docker run -p (published mode)")
     r.add_argument("--uplink", help="the parent's interface to relay (default: that of the default route)")
     r.add_argument("--dns", action="append", default=None, metavar="ADDRESS",
@@ -110,9 +110,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from salmiac.parent.netrelay import relay_for
     from salmiac.parent.session import StartParams
     from salmiac.runconfig import RUN_CONFIG_NAME, RunConfig, parse_size_mib
 
+    # Every option is checked before the image is fetched or unpacked: a typo should not cost a download.
+    for entry in args.env:
+        if "=" not in entry or entry.startswith("="):
+            raise RequestError(f"-e {entry!r}: expected KEY=VALUE")
+    memory_option = parse_size_mib(args.memory, "--memory") if args.memory else None
+    network_options = _network_options(args)
     rest: list[str] = list(args.rest)
     if args.bundle is not None:
         bundle = args.bundle
@@ -130,14 +137,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise RequestError(f"{bundle / RUN_CONFIG_NAME}: {exc.strerror}") from exc
     run_cfg = run_cfg.with_env_overrides(os.environ)
-    for entry in args.env:
-        if "=" not in entry or entry.startswith("="):
-            raise RequestError(f"-e {entry!r}: expected KEY=VALUE")
     cpus = args.cpus if args.cpus is not None else run_cfg.cpu_count
-    memory = parse_size_mib(args.memory, "--memory") if args.memory else run_cfg.memory_mib
+    memory = memory_option if memory_option is not None else run_cfg.memory_mib
     params = StartParams(args=app_args or None, env=list(args.env))
     nbd_exports = _nbd_exports(bundle, run_cfg, args)
-    relay = _network_relay(args, nitro=not args.emulate)
+    relay = relay_for(network_options, nitro=not args.emulate)
     if not args.emulate:
         if not os.path.exists("/dev/nitro_enclaves"):
             raise RequestError("this host has no /dev/nitro_enclaves: run on a Nitro Enclaves-enabled instance, "
@@ -190,10 +194,10 @@ def _nbd_exports(bundle: Path, run_cfg: RunConfig, args: argparse.Namespace) -> 
     return exports
 
 
-def _network_relay(args: argparse.Namespace, *, nitro: bool) -> NetRelay | None:
+def _network_options(args: argparse.Namespace) -> NetworkOptions:
     import ipaddress
 
-    from salmiac.parent.netrelay import NetworkOptions, parse_publish, relay_for
+    from salmiac.parent.netrelay import NetworkOptions, parse_publish
 
     dns = None
     if args.dns is not None:
@@ -201,9 +205,8 @@ def _network_relay(args: argparse.Namespace, *, nitro: bool) -> NetRelay | None:
             dns = tuple(ipaddress.ip_address(a) for a in args.dns)
         except ValueError as exc:
             raise RequestError(f"--dns: {exc}") from None
-    opts = NetworkOptions(mode=args.network, publish=tuple(parse_publish(p) for p in args.publish),
+    return NetworkOptions(mode=args.network, publish=tuple(parse_publish(p) for p in args.publish),
                           uplink=args.uplink, dns=dns, hostname=args.hostname)
-    return relay_for(opts, nitro=nitro)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -238,7 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     verbose = 0
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # argparse reports these at the top level; the help that lists the options is the command's
+            raise RequestError(f"usage: unrecognized arguments: {' '.join(unknown)} "
+                               f"(see `salmiac {args.command} --help`)")
         verbose = args.verbose
         _setup_logging(verbose)
         handler = {"convert": cmd_convert, "run": cmd_run, "inspect": cmd_inspect}[args.command]

@@ -107,3 +107,21 @@ def test_missing_input_image_is_an_error_naming_it(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert str(tmp_path / "nope") in proc.stderr.decode()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["run", "--emulate", "-p", "80", "oci:/nonexistent:x"], "-p '80': expected HOSTPORT:ENCLAVEPORT"),
+    (["run", "--emulate", "--network", "none", "-p", "8080:80", "oci:/nonexistent:x"], "-p needs a network"),
+    (["run", "--emulate", "-e", "NOEQUALS", "oci:/nonexistent:x"], "expected KEY=VALUE"),
+    (["run", "--emulate", "--memory", "4XB", "oci:/nonexistent:x"], "is not a size"),
+    (["run", "--emulate", "--hostname", "bad name", "oci:/nonexistent:x"], "--hostname 'bad name'"),
+    (["run", "--emulate", "--dns", "not-an-ip", "oci:/nonexistent:x"], "--dns"),
+    (["run", "--port", "80", "oci:/nonexistent:x"], "(see `salmiac run --help`)"),
+    ([], "(see `salmiac --help`)"),
+], ids=["publish", "publish-none", "env", "memory", "hostname", "dns", "unknown-flag", "no-command"])
+def test_run_options_are_checked_before_the_image_is_touched(argv: list[str], expected: str) -> None:
+    """A mistyped option is named on its own line, not hidden behind a missing (or slow to fetch) image."""
+    proc = salmiac(*argv, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines

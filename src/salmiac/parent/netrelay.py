@@ -147,6 +147,16 @@ def parse_publish(spec: str) -> PortMapping:
     return PortMapping(host, enclave, proto)
 
 
+def check_publish(mode: str, publish: Sequence[PortMapping]) -> None:
+    """``-p`` only goes with published mode (or auto, which it turns into published), and not too many."""
+    if publish and mode == "none":
+        raise RequestError("-p needs a network: drop --network none")
+    if publish and mode == "transparent":
+        raise RequestError("-p is only meaningful in published mode (transparent forwards every port)")
+    if len(publish) > MAX_PUBLISHED:
+        raise RequestError(f"at most {MAX_PUBLISHED} published ports")
+
+
 # --- what the parent knows about its own network ---------------------------------------------------------
 
 
@@ -405,10 +415,7 @@ class NetRelay:
                  *, offload: bool = True):
         if mode not in ("transparent", "published"):
             raise RequestError(f"network mode {mode!r}: expected transparent or published")
-        if publish and mode == "transparent":
-            raise RequestError("-p is only meaningful in published mode (transparent forwards every port)")
-        if len(publish) > MAX_PUBLISHED:
-            raise RequestError(f"at most {MAX_PUBLISHED} published ports")
+        check_publish(mode, publish)
         self.mode = mode
         self.uplink_name = uplink
         self.publish = tuple(publish)
@@ -535,6 +542,13 @@ class NetworkOptions:
     dns: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] | None = None
     hostname: str | None = None
 
+    def __post_init__(self) -> None:
+        # Checked when the options are read, before any image is fetched or any device set up.
+        check_publish(self.mode, self.publish)
+        if self.hostname is not None and not is_hostname(self.hostname, max_len=MAX_HOSTNAME):
+            raise RequestError(f"--hostname {self.hostname!r}: not a valid host name (RFC 1123, at most "
+                               f"{MAX_HOSTNAME} characters)")
+
 
 def network_unavailable() -> str | None:
     """Why this parent cannot relay frames (no root, no TUN, no nft), or None."""
@@ -556,9 +570,7 @@ def choose_mode(opts: NetworkOptions, *, nitro: bool) -> Mode | None:
     means no network; an explicit mode then fails.
     """
     if opts.mode == "none":
-        if opts.publish:
-            raise RequestError("-p needs a network: drop --network none")
-        return None
+        return None  # with -p refused by NetworkOptions already
     why = network_unavailable()
     if opts.mode == "auto":
         if why is not None:

@@ -69,7 +69,7 @@ KERNEL_CMDLINE: Final = (
 LAYER_TAR: Final = "application/vnd.oci.image.layer.v1.tar"
 LAYER_TAR_GZIP: Final = "application/vnd.oci.image.layer.v1.tar+gzip"
 # The parent runtime inside the converted image (what runs on the Nitro host): Python and the stdlib, pyroute2 and
-# nftables for the network relay, ethtool to turn GRO/LRO off on the uplink.
+# nftables for the network relay, ethtool for a relay without offload (it turns GRO/LRO off on the uplink).
 PARENT_PACKAGES: Final = ("python3.11-minimal", "libpython3.11-stdlib", "python3-pyroute2", "nftables", "ethtool")
 RUNTIME_HEADROOM_MIB: Final = 256  # kernel, init and a small app beyond the unpacked initramfs
 ROOTFS_AUTO_VERITY_BYTES: Final = 256 << 20

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from salmiac.protocol import vnet
-from salmiac.protocol.frames import ETH_HEADER, LENGTH_SIZE, MAX_FRAME, VLAN_TAG, FrameDecoder, FrameEncoder, FrameStats
+from salmiac.protocol.frames import LENGTH_SIZE, MAX_FRAME, FrameDecoder, FrameEncoder, FrameStats
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -57,7 +57,6 @@ SOL_PACKET = 263
 PACKET_AUXDATA = 8
 PACKET_IGNORE_OUTGOING = 23
 TP_STATUS_CSUMNOTREADY = 1 << 3
-PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST = 0, 1, 2
 SOCKET_BUFFER = 4 << 20
 _AUXDATA = struct.Struct("=IIIHHHH")
 _DROP_ERRNOS = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.ENOBUFS})
@@ -65,6 +64,9 @@ _DROP_ERRNOS = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.ENOBUFS})
 
 class FramePort(Protocol):
     """A device that reads and writes whole Ethernet frames."""
+
+    max_record: int
+    """The largest record it reads or takes: a plain frame, or a virtio-net header and a 64 KiB segment."""
 
     def fileno(self) -> int: ...
 
@@ -79,11 +81,6 @@ class FramePort(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def max_record(mtu: int, vnet_hdr: bool) -> int:
-    """The largest record a link with this MTU carries: a plain frame, or a header and a 64 KiB segment."""
-    return vnet.MAX_RECORD if vnet_hdr else mtu + ETH_HEADER + VLAN_TAG
 
 
 def kernel_takes_udp_segments(release: str | None = None) -> bool:
@@ -335,7 +332,6 @@ class PacketPort:
         self.max_frame = max_frame
         self.vnet_hdr = vnet_hdr
         self.max_record = vnet.MAX_RECORD if vnet_hdr else max_frame
-        self.keep_port_range = keep_port_range
         self.rx_dropped = 0
         self._ring: _RxRing | None = None
         try:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from salmiac.enclave.sysutil import run_tool
 from salmiac.errors import RuntimeFailure, SalmiacError
-from salmiac.framepump import FramePump, Stream, TapPort, max_record, open_tap
+from salmiac.framepump import FramePump, Stream, TapPort, open_tap
 from salmiac.protocol.frames import ETH_HEADER, VLAN_TAG
 from salmiac.protocol.netconfig import NetworkConfig
 
@@ -154,7 +154,7 @@ def start_network(
         os.close(fd)
         raise
     port = TapPort(fd, cfg.mtu + ETH_HEADER + VLAN_TAG, vnet_hdr=cfg.vnet_hdr)
-    return FramePump(port, stream, max_frame=max_record(cfg.mtu, cfg.vnet_hdr))
+    return FramePump(port, stream, max_frame=port.max_record)
 
 
 def connect_stream(address: str) -> socket.socket:

@@ -197,7 +197,7 @@ def disk_key(provider: str) -> bytes:
     raise StorageError(f"unknown key provider {provider!r}")
 
 
-def _is_zero(device: str, offset: int, length: int) -> bool:
+def _read_at(device: str, offset: int, length: int) -> bytes:
     fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     try:
         data = os.pread(fd, length, offset)
@@ -205,7 +205,11 @@ def _is_zero(device: str, offset: int, length: int) -> bool:
         os.close(fd)
     if len(data) != length:
         raise StorageError(f"{device}: short read at {offset} ({len(data)} of {length} bytes)")
-    return not any(data)
+    return data
+
+
+def _is_zero(device: str, offset: int, length: int) -> bool:
+    return not any(_read_at(device, offset, length))
 
 
 def disk_is_blank(device: str) -> bool:
@@ -217,9 +221,7 @@ def disk_is_blank(device: str) -> bool:
 
 
 def _has_ext4(device: str) -> bool:
-    with open(device, "rb") as f:
-        f.seek(EXT4_MAGIC_OFFSET)
-        return f.read(2) == b"\x53\xef"
+    return _read_at(device, EXT4_MAGIC_OFFSET, 2) == b"\x53\xef"
 
 
 def _volume_dir(path: str) -> str:

@@ -77,15 +77,14 @@ def run_tool(
     stdin: bytes | None = None,
     env: Mapping[str, str] | None = TOOL_ENV,
     timeout: float = 300,
-    check: bool = True,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run a tool (argv, never a shell). With ``check``, a failure raises ``error("WHAT: last stderr line")``; a
-    tool that cannot start or times out always does."""
+    """Run a tool (argv, never a shell); a failure (it cannot start, times out, or exits non-zero) raises
+    ``error("WHAT: last stderr line")``."""
     try:
         proc = subprocess.run(list(argv), capture_output=True, input=stdin, env=env, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise error(f"{what}: {exc}") from exc
-    if proc.returncode != 0 and check:
+    if proc.returncode != 0:
         text = proc.stderr.decode(errors="replace").strip()
         raise error(f"{what}: {(text.splitlines() or [f'exit status {proc.returncode}'])[-1]}")
     return proc

@@ -82,7 +82,6 @@ from salmiac.framepump import (
     PacketPort,
     TapPort,
     kernel_takes_udp_segments,
-    max_record,
     open_tap,
 )
 from salmiac.protocol.frames import ETH_HEADER, VLAN_TAG
@@ -465,7 +464,7 @@ class NetRelay:
     def run(self, stream: socket.socket) -> None:
         if self.port is None or self.offer is None:
             raise RelayError("network relay: run() before setup()")
-        self.pump = FramePump(self.port, stream, max_frame=max_record(self.offer.mtu, self.offload))
+        self.pump = FramePump(self.port, stream, max_frame=self.port.max_record)
         self.pump.run()
 
     def stop(self) -> None:
